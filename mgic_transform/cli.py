@@ -1,0 +1,495 @@
+"""``mgic-transform``: rewrite a model into an MGIC network from the command line.
+
+::
+
+    mgic-transform model.py --group-size 32 --coarsest-width 64 --output-dir out/
+    mgic-transform torchvision.models.resnet50 --input-shape 1,3,224,224
+
+The command loads the model, runs :func:`mgic_transform.mgicify`, counts
+parameters and FLOPs with :func:`mgic_transform.compare`, saves the rewritten
+``GraphModule`` and the report, and prints the comparison table.
+
+Exit status: ``0`` success; ``2`` a usage or input error (bad option, missing or
+broken model file, no model found, unusable input shape, outputs already there);
+``1`` a model that cannot be transformed (e.g. ``torch.fx`` cannot trace it).
+Errors are one line on stderr; ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+import time
+import traceback
+import types
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, NoReturn, Optional, Sequence
+
+__all__ = ["main", "build_parser", "load_model", "parse_shape", "output_paths"]
+
+EXIT_OK = 0
+EXIT_UNTRANSFORMABLE = 1
+EXIT_USAGE = 2
+
+DEFAULT_OUTPUT_DIR = "mgic_out"
+FACTORY_NAMES = ("build_model", "get_model", "create_model")
+FORMATS = ("text", "markdown", "json")
+
+
+class CLIError(Exception):
+    """A user-facing failure: ``str(self)`` is the one line to print, ``code`` the exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (argparse prints the whole usage block first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1,3,224,224"`` (or ``"1x3x224x224"``) -> ``(1, 3, 224, 224)``; every size positive."""
+    parts = [p.strip() for p in text.replace("x", ",").split(",")]
+    if not parts or any(not p.isdigit() or int(p) == 0 for p in parts):
+        raise argparse.ArgumentTypeError(
+            f"bad input shape {text!r}: give positive sizes separated by commas, e.g. 1,3,224,224"
+        )
+    return tuple(int(p) for p in parts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="mgic-transform",
+        description=(
+            "Rewrite a PyTorch CNN into a multigrid-in-channels (MGIC) network, save it, and print "
+            "a parameter/FLOP comparison (fvcore: one multiply-add = one FLOP, as in the MGIC paper)."
+        ),
+        epilog=(
+            "Finding the model in a file: --entry NAME (an nn.Module instance or a zero-argument "
+            "callable); otherwise a module-level `model`, or a zero-argument "
+            f"{'/'.join(FACTORY_NAMES)}(); otherwise the single nn.Module subclass defined in the "
+            "file that builds without arguments. A dotted MODEL (torchvision.models.resnet50) is "
+            "imported and called with no arguments; a dotted module name is searched like a file.\n\n"
+            "Outputs in DIR: <name>_mgic.pt (torch.save of the GraphModule; reload with "
+            "torch.load(path, weights_only=False)), <name>_mgic_report.json and <name>_mgic_report.md, "
+            "where <name> is the file's stem or the last part of the dotted name. If the model keeps "
+            "classes from MODEL's file (leaf modules), load the .pt from the file's directory so "
+            "they can be imported.\n\n"
+            "Exit status: 0 ok; 2 usage/input error; 1 the model cannot be transformed."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", metavar="MODEL",
+                   help="a Python file (model.py) or a constructor such as torchvision.models.resnet50")
+    p.add_argument("--entry", metavar="NAME",
+                   help="name in MODEL of the nn.Module instance or zero-argument callable to use")
+    p.add_argument("--input-shape", metavar="SHAPE", type=parse_shape, action="append",
+                   help="example input shape, e.g. 1,3,224,224; repeat for a model with several inputs "
+                        "(default: inferred from the first layer, e.g. Conv2d(3, ...) -> 1,3,224,224)")
+    p.add_argument("--group-size", metavar="N", type=_positive_int, default=32,
+                   help="channels per group in the grouped fine levels, s_g (default: 32)")
+    p.add_argument("--coarsest-width", metavar="N", type=_positive_int, default=None,
+                   help="channels at the coarsest, fully coupled level, s_c (default: the group size)")
+    p.add_argument("--skip", metavar="PATTERN", nargs="+", action="extend", default=None,
+                   help="leave blocks whose module path matches PATTERN alone (put MODEL first)")
+    p.add_argument("--transitions", action="store_true",
+                   help="also rewrite width-changing blocks (depthwise 3x3 connector + MGIC block)")
+    p.add_argument("--output-dir", metavar="DIR", default=DEFAULT_OUTPUT_DIR,
+                   help=f"where to write the model and the report (default: ./{DEFAULT_OUTPUT_DIR}, created if missing)")
+    p.add_argument("--format", choices=FORMATS, default="text",
+                   help="how to print the comparison on stdout (default: text)")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="status lines with timings on stderr (default: when stderr is a terminal)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and all warnings")
+    return p
+
+
+# --------------------------------------------------------------------------- finding the model
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the model comes from: a namespace to search (file or module) or one object."""
+
+    name: str                                   # used for the output file names
+    namespace: Optional[Mapping[str, Any]] = None
+    obj: Any = None
+    where: str = ""                            # for messages: "net.py", "torchvision.models"
+    module_name: Optional[str] = None          # classes "defined here" have this __module__
+
+
+def _is_file_spec(spec: str) -> bool:
+    return spec.endswith(".py") or os.sep in spec or "/" in spec or os.path.exists(spec)
+
+
+def _module_name_for(path: Path) -> str:
+    """The name the file is registered under in ``sys.modules``.
+
+    The file's stem where that is free, so that classes defined in it pickle under
+    a name a later process can import (from the file's directory).
+    """
+    stem = path.stem
+    if stem.isidentifier() and stem not in sys.modules and importlib.util.find_spec(stem) is None:
+        return stem
+    return "_mgic_model_" + "".join(c if c.isalnum() else "_" for c in stem)
+
+
+def _exec_file(path: Path) -> ModelSource:
+    if not path.exists():
+        raise CLIError(f"no such file: {path}; give a Python file that defines the model, or a name like torchvision.models.resnet50")
+    if not path.is_file():
+        raise CLIError(f"{path} is not a file; give a Python file that defines the model")
+    try:
+        source = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CLIError(f"cannot read {path}: {exc}") from exc
+    try:
+        code = compile(source, str(path), "exec")
+    except SyntaxError as exc:
+        raise CLIError(f"{path}:{exc.lineno}: syntax error: {exc.msg}; fix the file and try again") from exc
+    name = _module_name_for(path)
+    module = types.ModuleType(name)
+    module.__file__ = str(path.resolve())
+    sys.modules[name] = module
+    sys.path.insert(0, str(path.resolve().parent))  # so the file can import its neighbours
+    try:
+        exec(code, module.__dict__)
+    except Exception as exc:  # noqa: BLE001 - user code: any failure is an input error
+        raise CLIError(f"{_where_in(exc, path)}running {path} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+    return ModelSource(name=path.stem, namespace=vars(module), where=str(path), module_name=name)
+
+
+def _where_in(exc: BaseException, path: Path) -> str:
+    """``"net.py:12: "`` for the innermost traceback frame in ``path``, else ``""``."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename) == path.resolve()]
+    return f"{path}:{frames[-1].lineno}: " if frames else ""
+
+
+def _import_spec(spec: str) -> ModelSource:
+    """``torchvision.models.resnet50`` -> that attribute; ``pkg.models`` -> that module to search."""
+    module_part, _, attr = spec.partition(":")
+    dotted = module_part.split(".")
+    if not all(p.isidentifier() for p in dotted) or (attr and not attr.isidentifier()):
+        raise CLIError(f"MODEL {spec!r} is neither an existing file nor a name like torchvision.models.resnet50")
+    if not attr:
+        module = _try_import(module_part)
+        if module is not None:
+            return ModelSource(name=dotted[-1], namespace=vars(module), where=module_part, module_name=module.__name__)
+        if len(dotted) == 1:
+            raise CLIError(f"MODEL {spec!r} is neither an existing file nor an importable module; check the spelling")
+        module_part, attr = ".".join(dotted[:-1]), dotted[-1]
+    module = _try_import(module_part)
+    if module is None:
+        raise CLIError(f"cannot import {module_part!r} (from MODEL {spec!r}); is it installed in this environment?")
+    if not hasattr(module, attr):
+        raise CLIError(f"{module_part} has no attribute {attr!r}; check MODEL {spec!r}")
+    return ModelSource(name=attr, obj=getattr(module, attr), where=f"{module_part}.{attr}")
+
+
+def _try_import(name: str) -> Optional[types.ModuleType]:
+    """Import ``name``; ``None`` when it does not exist, an error when it exists but fails to import."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (name == exc.name or name.startswith(exc.name + ".")):
+            return None
+        raise CLIError(f"importing {name} failed: {_first_line(exc)}") from exc
+    except Exception as exc:  # noqa: BLE001 - third-party import code: any failure is an input error
+        raise CLIError(f"importing {name} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+
+
+def _required_args(fn: Callable[..., Any]) -> Optional[list[str]]:
+    """Names of the arguments ``fn()`` would miss; ``None`` when the signature is unknown."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    return [
+        n for n, p in sig.parameters.items()
+        if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+
+
+def _build(obj: Any, label: str) -> Any:
+    """``obj`` if it is an ``nn.Module``, else ``obj()`` for a zero-argument callable."""
+    from torch import nn
+
+    if isinstance(obj, nn.Module):
+        return obj
+    if not callable(obj):
+        raise CLIError(f"{label} is a {type(obj).__name__}, not an nn.Module or a zero-argument callable")
+    missing = _required_args(obj)
+    if missing:
+        raise CLIError(
+            f"{label} needs arguments ({', '.join(missing)}); point --entry at an nn.Module instance "
+            "or a zero-argument function that builds the model"
+        )
+    try:
+        model = obj()
+    except Exception as exc:  # noqa: BLE001 - user code: any failure is an input error
+        raise CLIError(f"building the model with {label}() failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+    if not isinstance(model, nn.Module):
+        raise CLIError(f"{label}() returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _find_in_namespace(src: ModelSource, entry: Optional[str]) -> Any:
+    """Apply the search rules (see ``--help``) to a file's or module's namespace."""
+    ns = src.namespace or {}
+    if entry is not None:
+        if entry not in ns:
+            raise CLIError(f"{src.where} has no {entry!r} (--entry); candidates: {_candidates(src) or 'none'}")
+        return _build(ns[entry], f"{src.where}:{entry}")
+    if "model" in ns:
+        return _build(ns["model"], f"{src.where}:model")
+    for name in FACTORY_NAMES:
+        if callable(ns.get(name)) and _required_args(ns[name]) == []:
+            return _build(ns[name], f"{src.where}:{name}")
+    classes = _module_classes(src)
+    buildable = [c for c in classes if _required_args(c) == []]
+    if len(buildable) == 1:
+        return _build(buildable[0], f"{src.where}:{buildable[0].__name__}")
+    why = "several nn.Module classes build without arguments" if buildable else "no model found"
+    raise CLIError(
+        f"{why} in {src.where} (saw: {_candidates(src) or 'nothing usable'}); pass --entry NAME, "
+        f"or define `model = ...` or a zero-argument {FACTORY_NAMES[0]}()"
+    )
+
+
+def _module_classes(src: ModelSource) -> list[type]:
+    from torch import nn
+
+    return [
+        v for v in (src.namespace or {}).values()
+        if inspect.isclass(v) and issubclass(v, nn.Module) and v.__module__ == src.module_name
+    ]
+
+
+def _candidates(src: ModelSource) -> str:
+    """A short list of what the search saw: classes with their required arguments, instances, factories."""
+    from torch import nn
+
+    seen = []
+    for name, v in (src.namespace or {}).items():
+        if name.startswith("_"):
+            continue
+        if isinstance(v, nn.Module):
+            seen.append(f"{name} (instance)")
+        elif v in _module_classes(src):
+            req = _required_args(v)
+            seen.append(f"class {name}" + (f"({', '.join(req)})" if req else "()"))
+        elif inspect.isfunction(v) and getattr(v, "__module__", None) == src.module_name:
+            req = _required_args(v)
+            seen.append(f"{name}(" + ", ".join(req or []) + ")")
+    return ", ".join(seen)
+
+
+def load_model(spec: str, entry: Optional[str] = None) -> tuple[Any, str]:
+    """Resolve MODEL (a file or a dotted name) to ``(nn.Module, name for the outputs)``."""
+    src = _exec_file(Path(spec)) if _is_file_spec(spec) else _import_spec(spec)
+    if src.namespace is not None:
+        return _find_in_namespace(src, entry), src.name
+    if entry is not None:
+        raise CLIError(f"--entry applies to a file or a module; {spec!r} already names one object")
+    return _build(src.obj, src.where), src.name
+
+
+def output_name(spec: str) -> str:
+    """The ``<name>`` of the output files: the file's stem or the last part of a dotted name."""
+    if _is_file_spec(spec):
+        return Path(spec).stem
+    return spec.replace(":", ".").rsplit(".", 1)[-1]
+
+
+def output_paths(output_dir: Path, name: str) -> dict[str, Path]:
+    return {
+        "model": output_dir / f"{name}_mgic.pt",
+        "json": output_dir / f"{name}_mgic_report.json",
+        "markdown": output_dir / f"{name}_mgic_report.md",
+    }
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass(frozen=True)
+class _Progress:
+    """Status lines with timings on stderr, for the steps that take a while on big models."""
+
+    enabled: bool
+
+    @contextlib.contextmanager
+    def step(self, what: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        print(f"{what}...", end="", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            print(" failed", file=sys.stderr, flush=True)
+            raise
+        print(f" {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _transform(model: Any, inputs: Optional[tuple], args: argparse.Namespace) -> Any:
+    """Run ``mgicify``; translate its errors into exit codes."""
+    from . import mgicify
+    from .errors import ConfigError, InputError, MGICError
+
+    try:
+        return mgicify(
+            model,
+            inputs,
+            group_size=args.group_size,
+            coarsest_width=args.coarsest_width,
+            skip=tuple(args.skip or ()),
+            transitions=args.transitions,
+        )
+    except (ConfigError, InputError) as exc:
+        raise CLIError(_first_line(exc), EXIT_USAGE) from exc
+    except MGICError as exc:
+        raise CLIError(f"cannot transform the model: {_first_line(exc)}", EXIT_UNTRANSFORMABLE) from exc
+    except Exception as exc:  # noqa: BLE001 - find out whose fault it is before blaming the compiler
+        if inputs is not None:
+            _check_model_runs(model, inputs)
+        raise CLIError(
+            f"internal error in mgic-transform: {type(exc).__name__}: {_first_line(exc)} "
+            "(rerun with --debug for the traceback and please report it)",
+            EXIT_UNTRANSFORMABLE,
+        ) from exc
+
+
+def _check_model_runs(model: Any, inputs: tuple) -> None:
+    """Raise a usage error if the model itself rejects ``inputs`` (e.g. wrong channel count)."""
+    import torch
+
+    from .report import _eval_mode
+
+    shapes = ", ".join(",".join(map(str, t.shape)) for t in inputs)
+    try:
+        with _eval_mode(model), torch.no_grad():
+            model(*inputs)
+    except Exception as exc:  # noqa: BLE001 - user model: any failure means the shape is unusable
+        raise CLIError(
+            f"the model does not accept --input-shape {shapes}: {type(exc).__name__}: {_first_line(exc)}"
+        ) from exc
+
+
+def _save(obj_writer: Callable[[Path], None], path: Path) -> None:
+    """Write via a temporary file in the same directory, so a failure never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        obj_writer(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _run(args: argparse.Namespace, progress: _Progress) -> int:
+    import torch
+
+    from .errors import MGICError
+    from .report import compare
+
+    out_dir = Path(args.output_dir)
+    paths = output_paths(out_dir, output_name(args.model))
+    existing = [str(p) for p in paths.values() if p.exists()]
+    if existing and not args.force:
+        raise CLIError(f"{existing[0]} already exists; pass --force to overwrite it or choose another --output-dir")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CLIError(f"--output-dir {out_dir} exists and is not a directory")
+
+    with progress.step(f"loading {args.model}"):
+        model, _ = load_model(args.model, args.entry)
+    inputs = tuple(torch.randn(s) for s in args.input_shape) if args.input_shape else None
+    with progress.step("tracing and rewriting"):
+        gm = _transform(model, inputs, args)
+    with progress.step("counting parameters and FLOPs"):
+        try:
+            report = compare(model, gm, inputs)
+        except MGICError as exc:
+            raise CLIError(_first_line(exc)) from exc
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with progress.step(f"saving to {out_dir}"):
+            _save(lambda p: torch.save(gm, p), paths["model"])
+            _save(lambda p: p.write_text(report.to_json() + "\n"), paths["json"])
+            _save(lambda p: p.write_text(report.to_markdown()), paths["markdown"])
+    except OSError as exc:
+        raise CLIError(f"cannot write to {out_dir}: {exc.strerror or exc}") from exc
+
+    rendered = {"text": str, "markdown": lambda r: r.to_markdown(), "json": lambda r: r.to_json()}[args.format](report)
+    print(rendered.rstrip("\n"))
+    print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
+    return EXIT_OK
+
+
+def _show_warnings(caught: Sequence[warnings.WarningMessage], debug: bool) -> None:
+    """Print our own warnings (and, with --debug, everyone's) one line each, without repeats."""
+    package = str(Path(__file__).resolve().parent)
+    seen = set()
+    for w in caught:
+        ours = str(w.filename).startswith(package) and issubclass(w.category, UserWarning)
+        line = f"warning: {_first_line(w.message)}" if not debug else warnings.formatwarning(
+            w.message, w.category, w.filename, w.lineno).rstrip()
+        if (ours or debug) and line not in seen:
+            seen.add(line)
+            print(line, file=sys.stderr)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``mgic-transform`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    progress = _Progress(enabled=sys.stderr.isatty() if args.progress is None else args.progress)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            status = _run(args, progress)
+        except CLIError as exc:
+            if args.debug:
+                traceback.print_exc()
+            print(f"mgic-transform: error: {exc}", file=sys.stderr)
+            return exc.code
+        except KeyboardInterrupt:
+            print("mgic-transform: interrupted", file=sys.stderr)
+            return 130
+    _show_warnings(caught, args.debug)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
