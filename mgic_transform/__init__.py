@@ -1,0 +1,19 @@
+"""mgic-transform: rewrite any PyTorch CNN into a multigrid-in-channels (MGIC) network.
+
+>>> import torchvision, mgic_transform as mt
+>>> gm = mt.mgicify(torchvision.models.resnet50(), group_size=32, coarsest_width=64)  # doctest: +SKIP
+>>> print(mt.compare(torchvision.models.resnet50(), gm))                              # doctest: +SKIP
+"""
+
+from .api import mgicify
+from .errors import MGICError
+from .nn.mgic_block import MGICBlock
+from .plan import BlockDecision, MGICPlan
+
+try:  # the report lands separately; keep the core importable without it
+    from .report import Report, compare
+except ImportError:  # pragma: no cover
+    pass
+
+__all__ = ["mgicify", "compare", "Report", "MGICBlock", "MGICError", "MGICPlan", "BlockDecision"]
+__version__ = "0.1.0"

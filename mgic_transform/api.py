@@ -1,0 +1,146 @@
+"""``mgicify``: trace -> shapes -> blocks -> rewrite, with argument checking."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import time
+import warnings
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import torch
+import torch.fx
+from torch import nn
+
+from .errors import ConfigError, InputError
+from .passes.blocks import find_blocks
+from .passes.rewrite import rewrite_blocks
+from .passes.shapes import propagate_shapes
+from .plan import MGICPlan
+from .tracing import LeafSpec, trace
+
+__all__ = ["mgicify", "infer_example_inputs"]
+
+_DEFAULT_SPATIAL = {1: (1024,), 2: (224, 224), 3: (16, 112, 112)}
+
+
+def infer_example_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
+    """A dummy batch for ``model``, read off its first layer.
+
+    ``Conv2d(3, ...)`` gives ``1x3x224x224``, ``Conv1d(3, ...)`` ``1x3x1024``,
+    ``Conv3d(3, ...)`` ``1x3x16x112x112`` and ``Linear(k, ...)`` ``1xk``.
+    """
+    for m in model.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            nd = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(m)] if type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) else 2
+            for cls, d in ((nn.Conv1d, 1), (nn.Conv2d, 2), (nn.Conv3d, 3)):
+                if isinstance(m, cls):
+                    nd = d
+            p = next(m.parameters())
+            return (torch.zeros(1, m.in_channels, *_DEFAULT_SPATIAL[nd], dtype=p.dtype, device=p.device),)
+        if isinstance(m, nn.Linear):
+            p = m.weight
+            return (torch.zeros(1, m.in_features, dtype=p.dtype, device=p.device),)
+    raise InputError(
+        f"cannot infer an example input for {type(model).__name__}: it has no Conv or Linear layer to read the "
+        f"input width from. Hint: pass example_inputs=torch.randn(...) with the shape the model expects."
+    )
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}. Hint: e.g. {name}=32.")
+    return value
+
+
+def _normalise_inputs(example_inputs: Any) -> tuple[Any, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and example_inputs and all(
+        isinstance(t, torch.Tensor) for t in example_inputs
+    ):
+        return tuple(example_inputs)
+    raise InputError(
+        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}. "
+        f"Hint: mgicify(model, torch.randn(1, 3, 224, 224))."
+    )
+
+
+def mgicify(
+    model: nn.Module,
+    example_inputs: Union[torch.Tensor, Sequence[torch.Tensor], None] = None,
+    *,
+    group_size: int = 32,
+    coarsest_width: Optional[int] = None,
+    skip: Iterable[str] = (),
+    transitions: bool = False,
+    leaf_modules: Iterable[LeafSpec] = (),
+    concrete_args: Optional[dict[str, Any]] = None,
+) -> torch.fx.GraphModule:
+    """Rewrite the equal-width blocks of ``model`` into multigrid-in-channels blocks.
+
+    The model is traced with ``torch.fx``; blocks are found from the graph's
+    structure (see :mod:`mgic_transform.passes.blocks`) and each one becomes an
+    :class:`~mgic_transform.MGICBlock` (paper Algorithm 1). ``model`` itself is
+    never modified: the result owns copies of every layer it keeps.
+
+    Args:
+        model: any ``nn.Module`` that ``torch.fx`` can trace.
+        example_inputs: a tensor or tuple of tensors with the shape the model
+            expects. Only shapes are used (fake tensors, no compute). Inferred
+            from the first layer when omitted (``Conv2d(3, ...)`` -> ``1x3x224x224``).
+        group_size: ``s_g``, channels per group in the grouped fine levels.
+        coarsest_width: ``s_c``; levels halve the width until it is at most this.
+            Defaults to ``group_size`` (the paper's usual choice ``s_c = s_g``).
+        skip: glob patterns over module paths (``"layer4.*"``) of blocks to leave alone.
+        transitions: also rewrite width-changing blocks (paper Sec. 3.3: a
+            depthwise 3x3 connector to the new width, then an MGIC block).
+        leaf_modules: module classes or path patterns that ``torch.fx`` should not
+            trace into (the escape hatch for data-dependent control flow).
+        concrete_args: passed to ``torch.fx.Tracer.trace`` to fix Python-level arguments.
+
+    Returns:
+        A trainable ``torch.fx.GraphModule``. ``gm.meta["mgic"]`` is an
+        :class:`~mgic_transform.plan.MGICPlan` describing every candidate block
+        (rewritten, or skipped with the reason); ``gm.meta["mgic_example_inputs"]``
+        holds the inputs used for the analysis.
+
+    Raises:
+        MGICError: on an untraceable model, bad options or unusable example inputs.
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"mgicify expects an nn.Module, got {type(model).__name__}.")
+    group_size = _check_positive_int("group_size", group_size)
+    coarsest_width = group_size if coarsest_width is None else _check_positive_int("coarsest_width", coarsest_width)
+    if isinstance(skip, str):
+        skip = (skip,)
+    skip = tuple(skip)
+    if not all(isinstance(p, str) for p in skip):
+        raise ConfigError(f"skip must be glob patterns (strings) over module paths, got {skip!r}.")
+    inputs = infer_example_inputs(model) if example_inputs is None else _normalise_inputs(example_inputs)
+
+    work = copy.deepcopy(model)
+    gm = trace(work, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    gm.graph.eliminate_dead_code()
+    propagate_shapes(gm, inputs)
+    regions = find_blocks(gm, transitions=transitions)
+    decisions = rewrite_blocks(gm, regions, group_size=group_size, coarsest_width=coarsest_width, skip=skip,
+                               transitions=transitions)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    gm.train(model.training)
+
+    unused = [p for p in skip if not any(f"pattern {p!r}" in (d.reason or "") for d in decisions)]
+    if unused:
+        warnings.warn(f"skip pattern(s) {unused} matched no block; module paths look like "
+                      f"{[d.path for d in decisions[:3]]}", UserWarning, stacklevel=2)
+    notes = []
+    if not any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) for m in model.modules()):
+        notes.append("the model has no Conv or Linear layer: nothing to rewrite")
+    elif not decisions:
+        notes.append("no equal-width block with a channel-mixing layer was found")
+    gm.meta["mgic"] = MGICPlan(group_size, coarsest_width, transitions, skip, tuple(decisions), tuple(notes))
+    gm.meta["mgic_example_inputs"] = tuple(t.detach() for t in inputs)
+    return gm

@@ -1,0 +1,85 @@
+"""The multigrid-in-channels block of the paper (Algorithm 1), for any CNN block.
+
+For a block of width ``c`` the MGIC block holds a hierarchy of widths
+``c = c_0 > c_1 > ... > c_L`` (halving until ``c_L <= s_c``) and runs::
+
+    x_0 = x
+    for j in 0 .. L-1:          x_{j+1} = R_j x_j                  # restrict (kept)
+    y = block_L(x_L)                                               # ungrouped, narrow
+    for j in L-1 .. 0:
+        y = x_j + N_j(P_j(y - x_{j+1}))                            # coarse-grid correction
+        y = block_j(y)                                             # grouped, s_g channels/group
+    return y
+
+``x_{j+1}`` *is* ``R_j x_j`` from the way down, so the correction reuses it
+instead of recomputing the restriction. Coarse maps are dropped as soon as the
+way up has used them (the paper's inference-memory argument). If every
+``block_j`` is the identity, so is the MGIC block: ``y - x_{j+1}`` is zero,
+``P_j`` has no bias and ``N_j`` starts with zero shift.
+
+A width-changing ("transition") block additionally owns ``connector``, the
+paper's lightweight depthwise 3x3 convolution from ``c_in`` to ``c_out`` (with
+the block's stride), applied first.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["MGICBlock"]
+
+
+class MGICBlock(nn.Module):
+    """Multigrid-in-channels block (Eliasof et al., Algorithm 1).
+
+    Args:
+        levels: the block re-instantiated at every width, finest first; ``levels[-1]``
+            is the ungrouped coarsest block, the others are grouped.
+        restrict: ``R_j`` for ``j = 0 .. L-1`` (``c_j -> c_{j+1}``).
+        prolong: ``P_j`` for ``j = 0 .. L-1`` (``c_{j+1} -> c_j``).
+        norms: ``N_j`` for ``j = 0 .. L-1`` (normalisation of the prolonged residual).
+        connector: optional width/stride-changing layer applied before the hierarchy.
+    """
+
+    def __init__(
+        self,
+        levels: Sequence[nn.Module],
+        restrict: Sequence[nn.Module],
+        prolong: Sequence[nn.Module],
+        norms: Sequence[nn.Module],
+        connector: Optional[nn.Module] = None,
+    ) -> None:
+        super().__init__()
+        if not (len(levels) == len(restrict) + 1 == len(prolong) + 1 == len(norms) + 1):
+            raise ValueError(
+                f"an MGIC block with {len(levels)} levels needs {len(levels) - 1} restrictions, prolongations "
+                f"and norms; got {len(restrict)}, {len(prolong)}, {len(norms)}"
+            )
+        self.connector = connector
+        self.levels = nn.ModuleList(levels)
+        self.restrict = nn.ModuleList(restrict)
+        self.prolong = nn.ModuleList(prolong)
+        self.norms = nn.ModuleList(norms)
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.levels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.connector is not None:
+            x = self.connector(x)
+        xs = [x]
+        for restrict in self.restrict:
+            xs.append(restrict(xs[-1]))
+        y = self.levels[-1](xs[-1])
+        for j in range(len(self.restrict) - 1, -1, -1):
+            restricted = xs.pop()  # x_{j+1} = R_j x_j, kept from the way down
+            y = xs[-1] + self.norms[j](self.prolong[j](y - restricted))
+            y = self.levels[j](y)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"num_levels={self.num_levels}"

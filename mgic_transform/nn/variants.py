@@ -1,0 +1,318 @@
+"""Re-instantiate a traced block at another width and group count.
+
+The MGIC block needs the original CNN block at every level of the hierarchy:
+ungrouped at the coarsest width, grouped (``G_j`` groups) at the finer ones.
+The block is never hand-written: :func:`extract_block` copies its subgraph out
+of the traced model into a standalone ``GraphModule``, and :func:`build_variant`
+replays that graph on fake tensors of the new width, creating a fresh layer
+for every ``call_module`` from the width of the tensor that actually reaches
+it. Views, chunks, concatenations and channel shuffles therefore follow
+automatically (they read sizes from the tensor); only the layers need rules:
+
+======================  ==============================================================
+layer                   new instance (input width ``i'`` read off the incoming tensor)
+======================  ==============================================================
+Conv1d/2d/3d            out ``w(out)``; groups ``gcd(G, i', out')``; depthwise stays
+                        depthwise (groups ``i'``, same channel multiplier); an already
+                        grouped conv keeps its channels-per-group as far as it divides
+Linear                  out ``w(out)``; a :class:`GroupedLinear` with ``gcd(G, i', out')`` groups
+BatchNorm/InstanceNorm  ``i'`` features
+GroupNorm               ``i'`` channels, group count scaled with the width
+LayerNorm (last dim)    ``i'`` features
+PReLU (per channel)     ``i'`` parameters
+parameter-free modules  reused as they are (activations, pooling, dropout ...)
+get_attr tensors        every dimension whose size is a block width is resized by
+                        cycling the original values (layer-scale, per-channel biases)
+======================  ==============================================================
+
+``w`` maps an original width to the level's width: the block's own width(s) go to
+``c_j``; every inner width ``w`` becomes ``round(w * c_j / c / G) * G`` (at least
+``G``), so every inner width stays divisible by the group count. Every new layer
+is freshly initialised with the layer's own ``reset_parameters``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+
+from ..passes.channels import CONV_TYPES, layer_channel_dim
+from .transfer import GroupedLinear
+
+__all__ = ["LevelSpec", "VariantError", "extract_block", "build_variant", "common_prefix"]
+
+
+class VariantError(Exception):
+    """The block cannot be re-instantiated at the requested width; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class LevelSpec:
+    """One level of the hierarchy: channel width, group count, and whether to drop strides."""
+
+    width: int
+    groups: int
+    block_widths: frozenset[int]  # original widths that map to ``width`` (c_in, c_out)
+    reference_width: int  # the original width ``width`` stands for (scales inner widths)
+    unstride: bool = False
+
+    def map_width(self, w: int) -> int:
+        if w in self.block_widths:
+            return self.width
+        g = self.groups
+        return max(1, round(w * self.width / self.reference_width / g)) * g
+
+
+def common_prefix(paths: list[str]) -> str:
+    """Longest common dotted prefix of module paths (``"layer1.0"`` for its convs)."""
+    if not paths:
+        return ""
+    parts = [p.split(".") for p in paths]
+    out = []
+    for items in zip(*parts):
+        if len(set(items)) != 1:
+            break
+        out.append(items[0])
+    # A single path is its own prefix only up to its parent, so attributes stay distinct.
+    if len(set(paths)) == 1:
+        out = out[:-1]
+    return ".".join(out)
+
+
+def extract_block(
+    gm: torch.fx.GraphModule, entry: torch.fx.Node, nodes: list[torch.fx.Node]
+) -> torch.fx.GraphModule:
+    """Copy a SESE region into a standalone GraphModule mapping the entry tensor to the exit tensor.
+
+    Module and attribute paths are made relative to the region's common prefix,
+    so a ResNet unit's layers read ``conv1``, ``bn1`` ... inside the block.
+    """
+    inside = set(nodes)
+    targets = [n.target for n in nodes if n.op == "call_module"]
+    consts: list[torch.fx.Node] = []
+
+    def collect(node: torch.fx.Node) -> None:
+        for a in node.all_input_nodes:
+            if a is not entry and a not in inside and a not in consts:
+                collect(a)
+                consts.append(a)
+
+    for n in nodes:
+        collect(n)
+    targets += [c.target for c in consts if c.op == "get_attr"]
+    bad = [c for c in consts if c.op in ("placeholder", "call_module")]
+    if bad:
+        raise VariantError(f"node {bad[0].name!r} feeds the block from outside")
+    prefix = common_prefix([str(t) for t in targets])
+    strip = len(prefix) + 1 if prefix else 0
+
+    graph = torch.fx.Graph()
+    root: dict[str, Any] = {}
+    env: dict[torch.fx.Node, torch.fx.Node] = {entry: graph.placeholder("x")}
+    for n in consts + nodes:
+        new = graph.node_copy(n, env.__getitem__)
+        if n.op in ("call_module", "get_attr"):
+            new.target = str(n.target)[strip:]
+            root[new.target] = gm.get_submodule(n.target) if n.op == "call_module" else _fetch(gm, n.target)
+        env[n] = new
+    graph.output(env[nodes[-1]])
+    return torch.fx.GraphModule(root, graph, "Block")
+
+
+def _fetch(module: nn.Module, target: str) -> Any:
+    obj: Any = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# ----------------------------------------------------------------------------- layer rules
+
+
+def _fresh_like(mod: nn.Module, shapes: dict[str, tuple[int, ...]], **attrs: Any) -> nn.Module:
+    """A copy of ``mod`` with new attributes and freshly initialised parameters of new shapes.
+
+    Parameters/buffers are not deep-copied (they are about to be replaced).
+    """
+    memo = {id(t): t for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False))}
+    new = copy.deepcopy(mod, memo)
+    for k, v in attrs.items():
+        setattr(new, k, v)
+    with unset_fake_temporarily():
+        for name, p in list(new._parameters.items()):
+            if p is not None:
+                shape = shapes.get(name, tuple(p.shape))
+                new._parameters[name] = nn.Parameter(
+                    torch.empty(shape, dtype=p.dtype, device=p.device), requires_grad=p.requires_grad
+                )
+        for name, b in list(new._buffers.items()):
+            if b is not None:
+                shape = shapes.get(name, tuple(b.shape))
+                new._buffers[name] = torch.zeros(shape, dtype=b.dtype, device=b.device)
+        if hasattr(new, "reset_parameters"):
+            new.reset_parameters()
+    return new
+
+
+def _nearest_divisor(n: int, target: float) -> int:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return min(divisors, key=lambda d: (abs(d - target), -d))
+
+
+def _conv(mod: nn.Conv2d, in_w: int, spec: LevelSpec) -> nn.Module:
+    k = tuple(mod.kernel_size)
+    if mod.groups == mod.in_channels:  # depthwise (possibly with a channel multiplier)
+        groups = in_w
+        out_w = in_w * (mod.out_channels // mod.in_channels)
+    else:
+        out_w = spec.map_width(mod.out_channels)
+        common = math.gcd(in_w, out_w)
+        if mod.groups > 1:  # keep channels-per-group as far as it divides (ResNeXt cardinality)
+            per_group = mod.in_channels // mod.groups
+            groups = _nearest_divisor(common, max(spec.groups, in_w / per_group))
+        else:
+            groups = math.gcd(spec.groups, common)
+    attrs: dict[str, Any] = {"in_channels": in_w, "out_channels": out_w, "groups": groups}
+    if spec.unstride:
+        attrs["stride"] = (1,) * len(k)
+    shapes = {"weight": (out_w, in_w // groups, *k), "bias": (out_w,)}
+    return _fresh_like(mod, shapes, **attrs)
+
+
+def _linear(mod: nn.Linear, in_w: int, spec: LevelSpec) -> nn.Module:
+    out_w = spec.map_width(mod.out_features)
+    groups = math.gcd(spec.groups, math.gcd(in_w, out_w))
+    if groups == 1:
+        return _fresh_like(mod, {"weight": (out_w, in_w), "bias": (out_w,)}, in_features=in_w, out_features=out_w)
+    with unset_fake_temporarily():
+        w = mod.weight
+        return GroupedLinear(in_w, out_w, groups, bias=mod.bias is not None, device=w.device, dtype=w.dtype)
+
+
+def _norm(mod: nn.Module, in_w: int, spec: LevelSpec) -> nn.Module:
+    if isinstance(mod, nn.GroupNorm):
+        groups = _nearest_divisor(in_w, mod.num_groups * in_w / mod.num_channels)
+        return _fresh_like(mod, {"weight": (in_w,), "bias": (in_w,)}, num_channels=in_w, num_groups=groups)
+    if isinstance(mod, nn.LayerNorm):
+        return _fresh_like(mod, {"weight": (in_w,), "bias": (in_w,)}, normalized_shape=(in_w,))
+    shapes = {n: (in_w,) for n in ("weight", "bias", "running_mean", "running_var")}
+    return _fresh_like(mod, shapes, num_features=in_w)
+
+
+def _prelu(mod: nn.PReLU, in_w: int, spec: LevelSpec) -> nn.Module:
+    if mod.num_parameters == 1:
+        return copy.deepcopy(mod)
+    return _fresh_like(mod, {"weight": (in_w,)}, num_parameters=in_w)
+
+
+_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+
+# The rule table: first matching type wins.
+_RULES: tuple[tuple[type, Callable[[Any, int, LevelSpec], nn.Module]], ...] = (
+    (CONV_TYPES, _conv),
+    (nn.Linear, _linear),
+    ((nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm), _norm),
+    (nn.PReLU, _prelu),
+)
+
+
+def reinstantiate(mod: nn.Module, in_w: int, spec: LevelSpec) -> nn.Module:
+    """A fresh layer like ``mod`` reading ``in_w`` channels, at the level described by ``spec``."""
+    for types, rule in _RULES:
+        if isinstance(mod, types):
+            return rule(mod, in_w, spec)
+    if spec.unstride and isinstance(mod, _POOLS) and _as_tuple(mod.stride) != (1,) * len(_as_tuple(mod.stride)):
+        return nn.Identity()  # the connector does the spatial downsampling of a transition
+    if any(True for _ in mod.parameters()) or any(True for _ in mod.buffers()):
+        raise VariantError(f"unsupported layer {type(mod).__name__} (has weights, no resize rule)")
+    return copy.deepcopy(mod)
+
+
+def _as_tuple(v: Any) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,)
+
+
+def _resize_tensor(t: torch.Tensor, spec: LevelSpec, widths: frozenset[int]) -> torch.Tensor:
+    with unset_fake_temporarily():
+        out = t.detach()
+        for dim, size in enumerate(t.shape):
+            if size > 1 and size in widths:
+                new = spec.map_width(size)
+                out = out.index_select(dim, torch.arange(new, device=t.device) % size)
+        out = out.clone()
+        return nn.Parameter(out, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else out
+
+
+class _Reinstantiate(torch.fx.Interpreter):
+    """Replays a block graph on fake tensors, creating the level's layers on the way."""
+
+    def __init__(self, block: torch.fx.GraphModule, spec: LevelSpec, widths: frozenset[int]) -> None:
+        super().__init__(block)
+        self.spec, self.widths = spec, widths
+        self.new_attrs: dict[str, Any] = {}
+        self.node: Optional[torch.fx.Node] = None
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        self.node = n
+        return super().run_node(n)
+
+    def call_module(self, target: str, args: Any, kwargs: Any) -> Any:
+        mod = self.fetch_attr(target)
+        dim = layer_channel_dim(mod)
+        x = args[0]
+        in_w = x.shape[dim] if dim is not None and isinstance(x, torch.Tensor) and x.dim() > 1 else 0
+        new = reinstantiate(mod, in_w, self.spec)
+        self.new_attrs[target] = new
+        return new(*args, **kwargs)
+
+    def get_attr(self, target: str, args: Any, kwargs: Any) -> Any:
+        value = self.fetch_attr(target)
+        if isinstance(value, torch.Tensor):
+            value = _resize_tensor(value, self.spec, self.widths)
+        self.new_attrs[target] = value
+        return value
+
+
+def build_variant(
+    block: torch.fx.GraphModule, spec: LevelSpec, input_shape: torch.Size, channel_dim: int,
+    widths: frozenset[int], dtype: torch.dtype = torch.float32,
+) -> torch.fx.GraphModule:
+    """The block re-instantiated at ``spec.width`` channels; checked to map that shape to itself.
+
+    Raises :class:`VariantError` with a readable reason when an op rejects the
+    new width (a hard-coded size in a ``view``, an unsupported layer ...).
+    """
+    shape = list(input_shape)
+    shape[channel_dim] = spec.width
+    interp = _Reinstantiate(block, spec, widths)
+    was_training = block.training
+    block.eval()
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            x = torch.empty(shape, dtype=dtype)
+            try:
+                out = interp.run(x)
+            except VariantError:
+                raise
+            except Exception as exc:  # an op rejected the new width
+                node = interp.node
+                where = f"at {node.op} {node.target}" if node is not None else ""
+                msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise VariantError(f"cannot re-instantiate at width {spec.width} {where}: {msg}") from exc
+    finally:
+        block.train(was_training)
+    if not isinstance(out, torch.Tensor) or list(out.shape) != shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise VariantError(f"at width {spec.width} the block maps {tuple(shape)} to {got}, not to itself")
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(block.graph, {}))
+    variant = torch.fx.GraphModule(interp.new_attrs, graph, "Block")
+    variant.train(was_training)
+    return variant

@@ -1,0 +1,254 @@
+"""Find the equal-width blocks of a traced model, structurally, from the graph alone.
+
+A *block* is a single-entry single-exit (SESE) region of the dataflow graph: one
+tensor ``entry`` flows in, one tensor ``exit`` flows out, and nothing else
+crosses the border (parameters and constants excepted). Two kinds are found:
+
+* **fork .. join units** (``"residual"``): ``entry`` has several users and its
+  immediate post-dominator ``exit`` merges full-resolution tensors (``add``,
+  ``cat``, ``mul`` of equal spatial shape, as in residual, ShuffleNet or
+  dual-path units). SESE-ness is the dominator condition
+  ``entry dom exit and exit pdom entry``, tested in O(1) per pair with
+  dominator-tree intervals, so the search is linear in the graph size.
+  Units nest (a squeeze-excite gate inside an inverted residual, residual units
+  inside a global skip); the outermost unit that encloses at most one other
+  unit is chosen, so a network-wide skip never swallows a stage.
+* **layers** (``"layer"``): outside the chosen units, one channel-mixing layer
+  together with the single-user chain of shape-preserving ops behind it (its
+  norm and activation).
+
+A region whose entry and exit shapes are equal is an equal-width block.
+Width-changing units are always returned (as ``"transition"``, so the report
+can say why they were left alone); width-changing single layers only with
+``transitions=True``. Units and layers both take the single-user chain of
+shape-preserving ops behind them (the post-activation ``relu(x + f(x))``).
+Only regions that contain a channel-mixing layer qualify. Class names are
+never consulted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import networkx as nx
+import torch.fx
+from torch import nn
+
+from .channels import is_channel_mixing
+from .shapes import shape_of
+
+__all__ = ["Region", "find_blocks"]
+
+_SOURCE = "__mgic_source__"
+
+
+@dataclass
+class Region:
+    """A candidate block: ``entry`` (outside, feeds it) and ``nodes`` (inside, in graph order, exit last)."""
+
+    entry: torch.fx.Node
+    nodes: list[torch.fx.Node]
+    kind: str
+    enclosed: int = 0  # number of inner units it encloses (when chosen over them)
+
+    @property
+    def exit(self) -> torch.fx.Node:
+        return self.nodes[-1]
+
+
+def _dataflow_graph(graph: torch.fx.Graph) -> tuple[nx.DiGraph, torch.fx.Node]:
+    """Dataflow DiGraph over nodes that depend on an input; constants (get_attr ...) are left out."""
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    live: set[torch.fx.Node] = set()
+    g = nx.DiGraph()
+    g.add_node(_SOURCE)
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            live.add(node)
+            g.add_edge(_SOURCE, node)
+            continue
+        preds = [a for a in node.all_input_nodes if a in live]
+        if not preds:
+            continue
+        live.add(node)
+        for a in preds:
+            g.add_edge(a, node)
+    # Nodes whose value never reaches the output (e.g. unused size() calls) would
+    # break post-dominance; hang them on the output.
+    for node in list(g.nodes):
+        if node is not _SOURCE and node is not output and g.out_degree(node) == 0:
+            g.add_edge(node, output)
+    return g, output
+
+
+def _tree_intervals(idom: dict, root) -> tuple[dict, dict]:
+    """Pre/post DFS numbers of the dominator tree, so ``a dom b`` is two comparisons."""
+    children: dict = {}
+    for node, parent in idom.items():
+        if node is not parent:
+            children.setdefault(parent, []).append(node)
+    pre, post, clock = {}, {}, 0
+    stack = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if done:
+            post[node] = clock
+            clock += 1
+            continue
+        pre[node] = clock
+        clock += 1
+        stack.append((node, True))
+        stack.extend((c, False) for c in children.get(node, ()))
+    return pre, post
+
+
+def _is_full_merge(exit: torch.fx.Node, inside: set, entry: torch.fx.Node) -> bool:
+    """Does ``exit`` merge full-resolution tensors (not a broadcast gate such as squeeze-excite's)?"""
+    out = shape_of(exit)
+    operands = [a for a in exit.all_input_nodes if a in inside or a is entry]
+    if out is None or len(operands) < 2:
+        return False
+    for a in operands:
+        s = shape_of(a)
+        if s is None or len(s) != len(out) or sum(x != y for x, y in zip(s, out)) > 1:
+            return False
+        if len(out) > 2 and any(x != y for x, y in zip(s[2:], out[2:])) and exit.target not in _CAT_OPS:
+            return False
+    return True
+
+
+_CAT_OPS = (torch.cat, torch.concat, torch.concatenate)
+_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _region_between(g: nx.DiGraph, entry, exit, order: dict) -> list[torch.fx.Node]:
+    """Nodes reachable from ``entry`` without passing ``exit``, plus ``exit``, in graph order."""
+    seen = {exit}
+    stack = [s for s in g.successors(entry) if s is not exit]
+    seen.update(stack)
+    while stack:
+        n = stack.pop()
+        for s in g.successors(n):
+            if s not in seen:
+                seen.add(s)
+                stack.append(s)
+    return sorted(seen, key=order.__getitem__)
+
+
+def _has_mixing_layer(nodes: Iterable[torch.fx.Node], modules: dict[str, nn.Module]) -> bool:
+    return any(n.op == "call_module" and is_channel_mixing(modules[n.target]) for n in nodes)
+
+
+def _classify(entry: torch.fx.Node, exit: torch.fx.Node) -> Optional[str]:
+    a, b = shape_of(entry), shape_of(exit)
+    if a is None or b is None or len(a) != len(b) or len(a) < 2:
+        return None
+    if a == b:
+        return "equal"
+    return "transition" if a[0] == b[0] else None
+
+
+def _extend_tail(nodes: list[torch.fx.Node], g: nx.DiGraph, output: torch.fx.Node, modules, taken=frozenset()) -> None:
+    """Append the single-user chain of shape-preserving, non-mixing ops after ``nodes[-1]`` (norm, activation)."""
+    while True:
+        cur = nodes[-1]
+        users = list(g.successors(cur))
+        if len(users) != 1 or len(cur.users) != 1:
+            return
+        nxt = users[0]
+        if nxt is output or nxt in taken or [a for a in nxt.all_input_nodes if a in g] != [cur]:
+            return
+        if shape_of(nxt) != shape_of(cur):
+            return
+        if nxt.op == "call_module" and isinstance(modules[nxt.target], _LAYER_TYPES):
+            return
+        nodes.append(nxt)
+
+
+def _fork_join_units(g, output, order, modules) -> list[Region]:
+    idom = nx.immediate_dominators(g, _SOURCE)
+    ipdom = nx.immediate_dominators(g.reverse(copy=False), output)
+    pre, post = _tree_intervals(idom, _SOURCE)
+
+    def dominates(a, b) -> bool:
+        return pre[a] <= pre[b] and post[b] <= post[a]
+
+    units = []
+    for fork in g.nodes:
+        if fork is _SOURCE or fork is output or g.out_degree(fork) < 2:
+            continue
+        join = ipdom.get(fork)
+        if join is None or join is output or not dominates(fork, join):
+            continue
+        nodes = _region_between(g, fork, join, order)
+        entry = fork
+        if shape_of(fork) is None:  # a tuple-valued fork (chunk/split): the block starts at its input
+            inputs = [a for a in fork.all_input_nodes if a in g]
+            if len(inputs) != 1 or len(inputs[0].users) != 1:
+                continue
+            entry = inputs[0]
+            nodes = [fork] + nodes
+        kind = _classify(entry, join)
+        if kind is None or not _is_full_merge(join, set(nodes), entry) or not _has_mixing_layer(nodes, modules):
+            continue
+        _extend_tail(nodes, g, output, modules)
+        if _classify(entry, nodes[-1]) != kind:
+            continue
+        units.append(Region(entry, nodes, "residual" if kind == "equal" else "transition"))
+    return _outermost_units(units)
+
+
+def _outermost_units(units: list[Region]) -> list[Region]:
+    """Choose units top-down: a unit enclosing two or more units is a stage; descend into it."""
+    units.sort(key=lambda r: len(r.nodes))
+    members = [set(r.nodes) for r in units]
+    parent: list[Optional[int]] = [None] * len(units)
+    for i, r in enumerate(units):
+        for j in range(i + 1, len(units)):
+            if r.exit in members[j]:
+                parent[i] = j
+                break
+    children: dict[Optional[int], list[int]] = {}
+    for i, p in enumerate(parent):
+        children.setdefault(p, []).append(i)
+    chosen, stack = [], list(children.get(None, []))
+    while stack:
+        i = stack.pop()
+        kids = children.get(i, [])
+        if len(kids) >= 2:
+            stack.extend(kids)
+        else:
+            units[i].enclosed = len(kids)
+            chosen.append(units[i])
+    return chosen
+
+
+def _layer_blocks(g, output, order, modules, taken: set, transitions: bool) -> list[Region]:
+    """One channel-mixing layer plus its single-user tail of shape-preserving, non-mixing ops."""
+    blocks = []
+    for node in sorted((n for n in g.nodes if n is not _SOURCE), key=order.__getitem__):
+        if node in taken or node.op != "call_module" or not is_channel_mixing(modules[node.target]):
+            continue
+        entry = node.args[0] if node.args else None
+        if not isinstance(entry, torch.fx.Node) or entry not in g or len([a for a in node.all_input_nodes if a in g]) != 1:
+            continue
+        nodes = [node]
+        _extend_tail(nodes, g, output, modules, taken)
+        kind = _classify(entry, nodes[-1])
+        if kind is None or (kind == "transition" and not transitions):
+            continue
+        blocks.append(Region(entry, nodes, "layer" if kind == "equal" else "transition"))
+        taken.update(nodes)
+    return blocks
+
+
+def find_blocks(gm: torch.fx.GraphModule, *, transitions: bool = False) -> list[Region]:
+    """All candidate blocks of ``gm`` (shapes must be propagated), in graph order, non-overlapping."""
+    g, output = _dataflow_graph(gm.graph)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    modules = dict(gm.named_modules())
+    units = _fork_join_units(g, output, order, modules)
+    taken = {n for r in units for n in r.nodes}
+    layers = _layer_blocks(g, output, order, modules, taken, transitions)
+    return sorted(units + layers, key=lambda r: order[r.exit])

@@ -1,0 +1,247 @@
+"""Rewrite every chosen block into an :class:`~mgic_transform.nn.MGICBlock` ``call_module``.
+
+For each candidate region the pass decides (recording the reason when it
+declines), builds the hierarchy and splices one ``call_module`` node in place
+of the region. The MGIC block is stored at the block's own module path when
+the block owns that module outright (``layer1.0`` stays ``layer1.0``), so the
+result's ``state_dict`` and ``print(gm.code)`` read like the original model.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.fx
+from torch import nn
+
+from ..hierarchy import analytic_params, level_groups, level_widths, transfer_groups
+from ..nn.mgic_block import MGICBlock
+from ..nn.transfer import GroupedLinear, make_residual_norm, make_transfer
+from ..nn.variants import LevelSpec, VariantError, build_variant, common_prefix, extract_block
+from ..plan import REWRITTEN, SKIPPED, BlockDecision
+from .blocks import Region
+from .channels import block_channel_dim, is_channel_mixing, layer_channel_dim
+from .shapes import shape_of
+
+__all__ = ["rewrite_blocks"]
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+class _Decline(Exception):
+    """A block is left alone; the message is the reason shown in the report."""
+
+
+def _block_path(gm: torch.fx.GraphModule, region: Region) -> tuple[str, tuple[str, ...]]:
+    """Module path naming the block: its single channel-mixing layer, or its layers' common prefix."""
+    layers = tuple(dict.fromkeys(str(n.target) for n in region.nodes if n.op == "call_module"))
+    mixing = [p for p in layers if is_channel_mixing(gm.get_submodule(p))]
+    if len(mixing) == 1 or len(layers) == 1:
+        return (mixing or layers)[0], layers
+    prefix = common_prefix(list(layers))
+    return (prefix or f"{layers[0]}..{layers[-1]}"), layers
+
+
+def _unique_params(gm: torch.fx.GraphModule, region: Region) -> int:
+    seen: dict[int, int] = {}
+    for n in region.nodes:
+        if n.op == "call_module":
+            for p in gm.get_submodule(n.target).parameters():
+                seen[id(p)] = p.numel()
+        for a in n.all_input_nodes:
+            if a.op == "get_attr":
+                t = _fetch(gm, a.target)
+                if isinstance(t, nn.Parameter):
+                    seen[id(t)] = t.numel()
+    return sum(seen.values())
+
+
+def _fetch(module: nn.Module, target: str):
+    obj = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _shared_module(gm: torch.fx.GraphModule, region: Region) -> Optional[str]:
+    inside = set(region.nodes)
+    targets = {n.target for n in region.nodes if n.op == "call_module"}
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and n.target in targets and n not in inside:
+            if any(True for _ in gm.get_submodule(n.target).parameters()):
+                return str(n.target)
+    return None
+
+
+def _connector(c_in: int, c_out: int, in_shape: torch.Size, out_shape: torch.Size, channel_dim: int,
+               like: torch.Tensor) -> nn.Module:
+    """The paper's lightweight transition: depthwise (gcd-grouped) 3x3 conv with the block's stride, + BN."""
+    spatial = len(in_shape) - 2
+    kw = {"device": like.device, "dtype": like.dtype}
+    if channel_dim != 1 or spatial == 0:
+        if tuple(in_shape[:-1]) != tuple(out_shape[:-1]):
+            raise _Decline("width-changing channels-last block also changes other dimensions")
+        return GroupedLinear(c_in, c_out, math.gcd(c_in, c_out), bias=False, **kw)
+    strides = []
+    for a, b in zip(in_shape[2:], out_shape[2:]):
+        s = max(1, round(a / b))
+        if (a + s - 1) // s != b:
+            raise _Decline(f"cannot build a strided connector from spatial size {tuple(in_shape[2:])} to {tuple(out_shape[2:])}")
+        strides.append(s)
+    conv = _CONV[spatial](c_in, c_out, 3, stride=tuple(strides), padding=1, groups=math.gcd(c_in, c_out), bias=False, **kw)
+    return nn.Sequential(conv, _BN[spatial](c_out, **kw))
+
+
+def _build(gm: torch.fx.GraphModule, region: Region, *, group_size: int, coarsest_width: int,
+           skip: Sequence[str], transitions: bool, path: str, layers: tuple[str, ...], cd: int
+           ) -> tuple[MGICBlock, dict]:
+    entry_shape, exit_shape = shape_of(region.entry), shape_of(region.exit)
+    c_in, c_out = entry_shape[cd], exit_shape[cd]
+    for pattern in skip:
+        if fnmatch.fnmatchcase(path, pattern) or any(fnmatch.fnmatchcase(p, pattern) for p in layers):
+            raise _Decline(f"skipped by the user (pattern {pattern!r})")
+    if region.kind == "transition" and not transitions:
+        change = f"{c_in} -> {c_out} channels" if c_in != c_out else "the spatial size"
+        raise _Decline(f"changes {change}; pass transitions=True to rewrite width-changing blocks")
+    widths = level_widths(c_out, coarsest_width)
+    if len(widths) == 1:
+        raise _Decline(f"width {c_out} is not wider than coarsest_width={coarsest_width}")
+    shared = _shared_module(gm, region)
+    if shared:
+        raise _Decline(f"layer {shared!r} is also used outside the block (shared weights)")
+    groups = level_groups(widths, group_size)
+    try:
+        block = extract_block(gm, region.entry, region.nodes)
+    except VariantError as exc:
+        raise _Decline(str(exc)) from exc
+    # Every width a layer of the block reads or writes; get_attr tensors are resized along these.
+    inner = {c_in, c_out}
+    for n in region.nodes:
+        if n.op == "call_module":
+            dim = layer_channel_dim(gm.get_submodule(n.target))
+            for t in [*(a for a in n.all_input_nodes), n]:
+                s = shape_of(t)
+                if dim is not None and s is not None and len(s) > 1:
+                    inner.add(s[dim])
+    level_shape = list(exit_shape)
+    like = next((p for p in block.parameters()), torch.empty(0))
+    spatial = len(exit_shape) - 2
+    channels_last = cd == len(exit_shape) - 1 and len(exit_shape) > 2
+    variants = []
+    for c, g in zip(widths, groups):
+        spec = LevelSpec(c, g, frozenset({c_out}), c_out, unstride=region.kind == "transition")
+        try:
+            variants.append(build_variant(block, spec, torch.Size(level_shape), cd, frozenset(inner), like.dtype))
+        except VariantError as exc:
+            raise _Decline(str(exc)) from exc
+    space = {"spatial_dims": spatial if not channels_last else 0, "channels_last": channels_last, "like": like}
+    restrict, prolong, norms = [], [], []
+    for fine, coarse in zip(widths, widths[1:]):
+        tg = transfer_groups(fine, coarse, group_size)
+        restrict.append(make_transfer(fine, coarse, tg, **space))
+        prolong.append(make_transfer(coarse, fine, tg, **space))
+        norms.append(make_residual_norm(fine, **{k: v for k, v in space.items()}))
+    connector = None
+    if region.kind == "transition":
+        connector = _connector(c_in, c_out, entry_shape, exit_shape, cd, like)
+    mgic = MGICBlock(variants, restrict, prolong, norms, connector)
+    mgic.train(gm.training)
+    before = _unique_params(gm, region)
+    after = sum(p.numel() for p in mgic.parameters())
+    if after >= before:
+        raise _Decline(f"the MGIC version would not be smaller ({after:,} vs {before:,} parameters)")
+    kernel = before / (c_in * c_out)
+    extra = sum(p.numel() for p in connector.parameters()) if connector is not None else 0
+    info = {
+        "levels": widths,
+        "groups": groups,
+        "group_sizes": tuple(c // g for c, g in zip(widths, groups)),
+        "params_before": before,
+        "params_after": after,
+        "analytic_params": analytic_params(widths, group_size, kernel) + extra,
+    }
+    return mgic, info
+
+
+def _target_for(gm: torch.fx.GraphModule, path: str, region: Region, taken: set[str]) -> str:
+    """The block's own module path when it owns that module outright, else a fresh attribute name."""
+    inside = set(region.nodes)
+    if path and ".." not in path and path not in taken:
+        try:
+            gm.get_submodule(path)
+            owned = all(
+                n in inside if n.op == "call_module" else all(u in inside for u in n.users)
+                for n in gm.graph.nodes
+                if n.op in ("call_module", "get_attr") and (n.target == path or str(n.target).startswith(path + "."))
+            )
+        except AttributeError:
+            owned = False
+        if owned:
+            return path
+    base = (path.replace("..", "_to_").replace(".", "_") or "block") + "_mgic"
+    name, k = base, 1
+    while name in taken or hasattr(gm, name):
+        name, k = f"{base}_{k}", k + 1
+    return name
+
+
+def rewrite_blocks(gm: torch.fx.GraphModule, regions: Sequence[Region], *, group_size: int,
+                   coarsest_width: int, skip: Sequence[str] = (), transitions: bool = False
+                   ) -> list[BlockDecision]:
+    """Replace every region that qualifies by an MGICBlock; return one decision per region.
+
+    ``gm`` is modified in place (it must be the compiler's private copy).
+    """
+    decisions = []
+    taken: set[str] = set()
+    replaced: dict[torch.fx.Node, torch.fx.Node] = {}  # exit of a rewritten block -> its MGICBlock node
+    for region in regions:
+        region.entry = replaced.get(region.entry, region.entry)
+        path, layers = _block_path(gm, region)
+        cd = block_channel_dim(region.entry, region.nodes, dict(gm.named_modules()))
+        entry_shape, exit_shape = shape_of(region.entry), shape_of(region.exit)
+        common = dict(path=path, kind=region.kind, layers=layers, nodes=tuple(n.name for n in region.nodes))
+        if cd is None:
+            decisions.append(BlockDecision(status=SKIPPED, reason="cannot tell which dimension holds the channels",
+                                           width=0, out_width=0, channel_dim=-1, **common))
+            continue
+        widths = dict(width=entry_shape[cd], out_width=exit_shape[cd],
+                      channel_dim=-1 if cd == len(entry_shape) - 1 and cd > 1 else cd)
+        try:
+            mgic, info = _build(gm, region, group_size=group_size, coarsest_width=coarsest_width, skip=skip,
+                                transitions=transitions, path=path, layers=layers, cd=cd)
+        except _Decline as why:
+            decisions.append(BlockDecision(status=SKIPPED, reason=str(why), params_before=_unique_params(gm, region),
+                                           **widths, **common))
+            continue
+        target = _target_for(gm, path, region, taken)
+        taken.add(target)
+        replaced[region.exit] = _splice(gm, region, target, mgic)
+        decisions.append(BlockDecision(status=REWRITTEN, reason=None, module=target, **widths, **info, **common))
+    return decisions
+
+
+def _splice(gm: torch.fx.GraphModule, region: Region, target: str, mgic: MGICBlock) -> torch.fx.Node:
+    gm.add_submodule(target, mgic)
+    with gm.graph.inserting_before(region.exit):
+        node = gm.graph.call_module(target, (region.entry,))
+    node.meta["shape"] = shape_of(region.exit)
+    node.meta["dtype"] = region.exit.meta.get("dtype")
+    region.exit.replace_all_uses_with(node)
+    inside = set(region.nodes)
+    consts = list(dict.fromkeys(a for n in region.nodes for a in n.all_input_nodes
+                                if a not in inside and a is not region.entry))
+    for n in reversed(region.nodes):
+        gm.graph.erase_node(n)
+    # Constants (get_attr ...) only the block used go with it.
+    while consts:
+        c = consts.pop()
+        if not getattr(c, "_erased", False) and not c.users and c.op in ("get_attr", "call_function", "call_method") \
+                and not c.is_impure():
+            consts.extend(c.all_input_nodes)
+            gm.graph.erase_node(c)
+    return node

@@ -1,0 +1,104 @@
+"""Tracing a user model into a ``torch.fx.GraphModule`` with errors a user can act on.
+
+``torch.fx`` fails on data-dependent Python control flow (``if x.sum() > 0:``), on
+iteration over tensors and on calls into non-traceable libraries. The raw fx
+traceback points deep into the tracer; :func:`trace` instead names the line of
+*the user's* code that failed and the two remedies: declare the enclosing
+module a leaf (``leaf_modules=``) or fix the offending argument
+(``concrete_args=``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import traceback
+from typing import Any, Iterable, Optional, Union
+
+import torch
+import torch.fx
+from torch import nn
+
+from .errors import TraceError
+
+__all__ = ["LeafTracer", "trace"]
+
+LeafSpec = Union[type, str]
+
+
+class LeafTracer(torch.fx.Tracer):
+    """A tracer that keeps user-chosen modules opaque.
+
+    Args:
+        leaf_modules: module classes, or glob patterns over module paths
+            (``"backbone.stage3.*"``), to record as single ``call_module`` nodes
+            instead of tracing through them. Everything ``torch.fx`` keeps opaque by
+            default (the ``torch.nn`` layers) stays opaque.
+    """
+
+    def __init__(self, leaf_modules: Iterable[LeafSpec] = ()) -> None:
+        super().__init__()
+        specs = tuple(leaf_modules)
+        self._leaf_types = tuple(s for s in specs if isinstance(s, type))
+        self._leaf_patterns = tuple(s for s in specs if isinstance(s, str))
+        self._current_module: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self._leaf_types and isinstance(m, self._leaf_types):
+            return True
+        if any(fnmatch.fnmatchcase(module_qualified_name, p) for p in self._leaf_patterns):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        self._current_module.append(self.path_of_module(m) if m is not self.root else "")
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self._current_module.pop()
+
+    @property
+    def current_module(self) -> str:
+        """Path of the module being traced when an error happened (``""`` for the root)."""
+        return self._current_module[-1] if self._current_module else ""
+
+
+def _user_frame(exc: BaseException) -> Optional[traceback.FrameSummary]:
+    """The innermost traceback frame that lies outside torch itself (the user's line)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    outside = [f for f in frames if "/torch/" not in f.filename and "mgic_transform" not in f.filename]
+    return outside[-1] if outside else (frames[-1] if frames else None)
+
+
+def trace(
+    model: nn.Module,
+    *,
+    leaf_modules: Iterable[LeafSpec] = (),
+    concrete_args: Optional[dict[str, Any]] = None,
+) -> torch.fx.GraphModule:
+    """Symbolically trace ``model``; raise :class:`TraceError` naming the failing line.
+
+    The returned GraphModule *shares* submodules with ``model``; callers that
+    mutate it must trace a copy.
+    """
+    tracer = LeafTracer(leaf_modules)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args)
+    except Exception as exc:  # fx raises many types (TraceError, TypeError, RuntimeError ...)
+        frame = _user_frame(exc)
+        where = f"{frame.filename}:{frame.lineno} `{(frame.line or '').strip()}`" if frame else "unknown line"
+        inside = tracer.current_module
+        module_hint = (
+            f"mark the module {inside!r} (or its class {type(model.get_submodule(inside)).__name__}) as a leaf "
+            f"with leaf_modules=[...]"
+            if inside
+            else "mark the offending submodule as a leaf with leaf_modules=[...]"
+        )
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TraceError(
+            f"torch.fx cannot trace {type(model).__name__}: {first_line} (at {where}"
+            f"{f', inside module {inside!r}' if inside else ''}). "
+            f"Hint: {module_hint}, or fix the Python-level arguments with concrete_args={{...}}."
+        ) from exc
+    name = type(model).__name__
+    gm = torch.fx.GraphModule(tracer.root, graph, name)
+    return gm
