@@ -52,6 +52,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .api import infer_example_inputs
 from .errors import InputError
 from .plan import BlockDecision, MGICPlan
 
@@ -266,6 +267,7 @@ def compare(
         )
     if example_inputs is None:
         example_inputs = meta.get("mgic_example_inputs")
+    # the input mgicify used, else the same guess mgicify makes (``api.infer_example_inputs``)
     inputs = _as_input_tuple(example_inputs) if example_inputs is not None else infer_example_inputs(original)
 
     before = count_flops(original, inputs)
@@ -442,32 +444,6 @@ def _as_input_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     raise InputError(
         f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}; "
         "pass e.g. torch.randn(1, 3, 224, 224)"
-    )
-
-
-_SPATIAL = {1: (224,), 2: (224, 224), 3: (16, 112, 112)}
-
-
-def infer_example_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
-    """A one-sample input for ``model`` guessed from its first conv or linear layer.
-
-    ``ConvNd(c, ...)`` gives ``1 x c x 224`` (1d), ``1 x c x 224 x 224`` (2d) or
-    ``1 x c x 16 x 112 x 112`` (3d); ``Linear(f, ...)`` gives ``1 x f``. The tensor
-    takes the dtype and device of that layer's weight.
-    """
-    for module in model.modules():
-        if isinstance(module, nn.modules.conv._ConvNd):
-            nd = len(module.kernel_size)
-            shape: tuple[int, ...] = (1, module.in_channels, *_SPATIAL[nd])
-        elif isinstance(module, nn.Linear):
-            shape = (1, module.in_features)
-        else:
-            continue
-        w = module.weight
-        return (torch.randn(shape, dtype=w.dtype, device=w.device),)
-    raise InputError(
-        "cannot guess an input for a model without conv or linear layers; pass example_inputs "
-        "(e.g. compare(model, gm, torch.randn(1, 3, 224, 224)))"
     )
 
 

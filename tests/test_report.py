@@ -298,3 +298,53 @@ def test_no_layer_to_infer_an_input_from():
     relu = nn.ReLU()
     with pytest.raises(InputError, match="example_inputs"):
         compare(relu, fx.symbolic_trace(relu))
+
+
+# --------------------------------------------------------------------------- with the real compiler
+
+
+def _real_models():
+    import torchvision
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    from models import resnet20  # noqa: E402  (examples/models.py)
+
+    return [
+        pytest.param(lambda: torchvision.models.resnet18(), (1, 3, 64, 64), {"group_size": 32, "coarsest_width": 64}, id="resnet18"),
+        pytest.param(resnet20, (2, 3, 32, 32), {"group_size": 8}, id="resnet20"),
+    ]
+
+
+@pytest.mark.parametrize("build,shape,options", _real_models())
+def test_against_mgicify(build, shape, options):
+    import mgic_transform as mt
+
+    torch.manual_seed(0)
+    model = build()
+    x = torch.randn(shape)
+    gm = mt.mgicify(model, x, **options)
+    plan = gm.meta["mgic"]
+    report = compare(model, gm)
+
+    total_before, by_before, _ = fvcore_direct(model, x)
+    total_after, by_after, _ = fvcore_direct(gm, x)
+    assert report.input_shapes == (tuple(shape),)
+    assert (report.flops_before, report.flops_after) == (total_before, total_after)
+    assert (report.params_before, report.params_after) == (params_from_state_dict(model), params_from_state_dict(gm))
+    assert len(report.blocks) == len(plan.blocks)
+    assert report.rewritten, "expected at least one block to be rewritten"
+
+    for row in report.rewritten:
+        d = next(d for d in plan.blocks if d.module == row.module)
+        assert row.params_after == params_from_state_dict(gm.get_submodule(d.module)) == d.params_after
+        assert row.flops_after == by_after[d.module]
+        assert row.flops_before == sum(by_before[p] for p in d.layers)
+        assert row.params_before == d.params_before
+        assert row.levels == tuple(d.levels) and row.levels[0] == row.width
+        assert row.group_sizes == tuple(d.group_sizes)
+    for row in report.skipped:
+        assert row.reason
+        assert row.params_after == row.params_before
+    # what the report shows per block accounts for the whole change in parameters
+    delta = sum(r.params_before - r.params_after for r in report.blocks)
+    assert delta == report.params_before - report.params_after

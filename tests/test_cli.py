@@ -1,0 +1,255 @@
+"""Tests of the ``mgic-transform`` command: the installed console script, run in a subprocess.
+
+Good inputs must write the model and both reports and print the table; the saved
+model must give the same outputs when reloaded in a fresh process. Every bad input
+must end with the documented exit status (2 usage/input, 1 cannot transform) and
+exactly one line on stderr, without a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+TINY = FIXTURES / "tiny_resnet.py"
+SMALL = ["--input-shape", "1,3,16,16", "--group-size", "16"]
+
+
+def _command() -> list[str]:
+    """The console script of this environment, else ``python -m mgic_transform.cli``."""
+    script = Path(sys.executable).with_name("mgic-transform")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("mgic-transform")
+    return [found] if found else [sys.executable, "-m", "mgic_transform.cli"]
+
+
+def run_cli(*args, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "default"}  # warnings must not leak onto stderr either
+    return subprocess.run([*_command(), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, *needles: str) -> None:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == code, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert lines[0].startswith("mgic-transform: error: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def write(tmp_path: Path, name: str, source: str) -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+# --------------------------------------------------------------------------- errors, no model needed
+
+def run_main(*args, cwd: Path, monkeypatch, capsys) -> subprocess.CompletedProcess:
+    """``main()`` in this process: the same checks as :func:`run_cli`, without a Python start-up each."""
+    from mgic_transform.cli import main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the CLI puts the model file's folder on sys.path
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:  # argparse exits on its own
+        code = exc.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
+# (model file name and source or None, arguments after it, text the error line must contain)
+BAD_INPUTS = {
+    "syntax-error": (("broken.py", "import torch\ndef f(:\n    pass\n"), [], "broken.py:2: syntax error"),
+    "file-raises": (("raises.py", "import torch\nx = 1\nraise RuntimeError('boom')\n"), [], "raises.py:3:"),
+    "no-model": (("empty.py", "import torch\nVALUE = 3\n"), [], "no model found"),
+    "class-needs-args": (
+        ("needs_args.py", "from torch import nn\nclass Net(nn.Module):\n    def __init__(self, width):\n        super().__init__()\n"),
+        [], "Net(width)",
+    ),
+    "two-classes": (
+        ("two.py", "from torch import nn\nclass A(nn.Module):\n    pass\nclass B(nn.Module):\n    pass\n"),
+        [], "class A(), class B()",
+    ),
+    "model-not-a-module": (("bad_model.py", "model = 42\n"), [], "not an nn.Module"),
+    "missing-file": (None, ["missing.py"], "no such file"),
+    "bad-import": (None, ["no_such_package_xyz.model"], "cannot import"),
+    "bad-attribute": (None, ["torchvision.models.no_such_model"], "has no attribute"),
+    "zero-group-size": (None, [TINY, "--group-size", "0"], "--group-size"),
+    "non-number": (None, [TINY, "--coarsest-width", "many"], "--coarsest-width"),
+    "bad-shape": (None, [TINY, "--input-shape", "1,3,x"], "bad input shape"),
+    "bad-format": (None, [TINY, "--format", "yaml"], "--format"),
+    "entry-needs-args": (None, [TINY, "--entry", "Block"], "needs arguments (c)"),
+    "entry-missing": (None, [TINY, "--entry", "nothing_here"], "TinyResNet"),
+    "no-model-arg": (None, [], "MODEL"),
+}
+# these run through the installed console script; the rest through main() in this process
+VIA_SCRIPT = {"syntax-error", "no-model", "missing-file", "zero-group-size", "bad-shape"}
+
+
+def _bad_input_args(tmp_path: Path, case: str) -> list:
+    file, args, _ = BAD_INPUTS[case]
+    return ([write(tmp_path, *file)] if file else []) + args
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(VIA_SCRIPT))
+def test_bad_inputs_script(tmp_path, case):
+    proc = run_cli(*_bad_input_args(tmp_path, case), cwd=tmp_path)
+    assert_one_line_error(proc, 2, BAD_INPUTS[case][2])
+    assert not (tmp_path / "mgic_out").exists()
+
+
+@pytest.mark.parametrize("case", sorted(set(BAD_INPUTS) - VIA_SCRIPT))
+def test_bad_inputs_main(tmp_path, case, monkeypatch, capsys):
+    proc = run_main(*_bad_input_args(tmp_path, case), cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert_one_line_error(proc, 2, BAD_INPUTS[case][2])
+    assert not (tmp_path / "mgic_out").exists()
+
+
+# --------------------------------------------------------------------------- the whole pipeline
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """One successful run on the tiny fixture model, shared by the tests below."""
+    out = tmp_path_factory.mktemp("out")
+    proc = run_cli(TINY, *SMALL, "--output-dir", out, "--format", "json", "--progress", cwd=out)
+    return proc, out
+
+
+@pytest.mark.slow
+def test_good_run_writes_outputs(converted):
+    proc, out = converted
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    files = {p.name for p in out.iterdir()}
+    assert {"tiny_resnet_mgic.pt", "tiny_resnet_mgic_report.json", "tiny_resnet_mgic_report.md"} <= files
+    printed = json.loads(proc.stdout)  # --format json prints exactly the report
+    saved = json.loads((out / "tiny_resnet_mgic_report.json").read_text())
+    assert printed == saved
+    assert saved["input_shapes"] == [[1, 3, 16, 16]] and saved["options"]["group_size"] == 16
+    assert any(b["status"] == "rewritten" for b in saved["blocks"])
+    assert "| block |" in (out / "tiny_resnet_mgic_report.md").read_text()
+    for step in ("tracing", "counting"):  # progress lines, forced on with --progress
+        assert step in proc.stderr
+
+
+RELOAD = """
+import sys, torch
+torch.manual_seed(0)
+gm = torch.load(sys.argv[1], weights_only=False).eval()
+x = torch.randn(1, 3, 16, 16)
+with torch.no_grad():
+    y = gm(x)
+torch.save({"y": y, "params": sum(p.numel() for p in gm.parameters())}, sys.argv[2])
+"""
+
+
+@pytest.mark.slow
+def test_saved_model_reloads_in_a_fresh_process(converted, tmp_path):
+    """A fresh process loads the .pt and computes what it computes here; parameters as reported."""
+    import torch
+
+    _, out = converted
+    saved = out / "tiny_resnet_mgic.pt"
+    proc = subprocess.run([sys.executable, "-c", RELOAD, str(saved), str(tmp_path / "y.pt")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    fresh = torch.load(tmp_path / "y.pt")
+    gm = torch.load(saved, weights_only=False).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        here = gm(torch.randn(1, 3, 16, 16))
+    report = json.loads((out / "tiny_resnet_mgic_report.json").read_text())
+    assert fresh["params"] == sum(p.numel() for p in gm.parameters()) == report["params_after"]
+    assert fresh["y"].shape == (1, 10)
+    torch.testing.assert_close(fresh["y"], here)
+
+
+@pytest.mark.slow
+def test_saved_model_matches_in_memory_model(tmp_path):
+    """What the CLI saves computes what ``mgicify`` returned: save here, reload in a fresh process."""
+    import torch
+
+    import mgic_transform as mt
+    from mgic_transform.cli import load_model
+
+    model, _ = load_model(str(TINY))
+    gm = mt.mgicify(model, torch.randn(1, 3, 16, 16), group_size=16).eval()
+    torch.save(gm, tmp_path / "m.pt")
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        expected = gm(x)
+    proc = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path / "m.pt"), str(tmp_path / "y.pt")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt")["y"], expected)
+
+
+@pytest.mark.slow
+def test_existing_outputs_need_force(converted):
+    _, out = converted
+    before = (out / "tiny_resnet_mgic.pt").stat().st_mtime_ns
+    proc = run_cli(TINY, *SMALL, "--output-dir", out, cwd=out)
+    assert_one_line_error(proc, 2, "--force", "already exists")
+    assert (out / "tiny_resnet_mgic.pt").stat().st_mtime_ns == before
+    proc = run_cli(TINY, *SMALL, "--output-dir", out, "--force", "--format", "markdown", cwd=out)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("# MGIC comparison")
+    assert (out / "tiny_resnet_mgic.pt").stat().st_mtime_ns != before
+
+
+@pytest.mark.slow
+def test_text_table_and_default_output_dir(tmp_path):
+    source = """
+        from torch import nn
+        def build_model():
+            return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
+                                 nn.Conv2d(32, 32, 3, padding=1), nn.ReLU())
+    """
+    path = write(tmp_path, "plain.py", source)
+    proc = run_cli(path, "--input-shape", "1,3,8,8", "--group-size", "8", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "parameters" in proc.stdout and "FLOPs" in proc.stdout and "multiply-add" in proc.stdout
+    assert (tmp_path / "mgic_out" / "plain_mgic.pt").exists()
+    report = json.loads((tmp_path / "mgic_out" / "plain_mgic_report.json").read_text())
+    assert report["options"]["group_size"] == 8
+
+
+# --------------------------------------------------------------------------- models that cannot be transformed
+
+
+@pytest.mark.slow
+def test_untraceable_model_exits_1(tmp_path):
+    source = """
+        import torch
+        from torch import nn
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(3, 64, 3, padding=1)
+            def forward(self, x):
+                if x.sum() > 0:          # data-dependent control flow: torch.fx cannot trace it
+                    return self.conv(x)
+                return x
+    """
+    path = write(tmp_path, "untraceable.py", source)
+    assert_one_line_error(run_cli(path, "--input-shape", "1,3,8,8", cwd=tmp_path), 1, "cannot transform")
+
+
+@pytest.mark.slow
+def test_input_shape_the_model_rejects(tmp_path):
+    assert_one_line_error(run_cli(TINY, "--input-shape", "1,5,16,16", cwd=tmp_path), 2, "input")
