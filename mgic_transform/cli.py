@@ -24,6 +24,7 @@ import importlib.util
 import inspect
 import os
 import sys
+import textwrap
 import time
 import traceback
 import types
@@ -81,6 +82,22 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in parts)
 
 
+_EPILOG = (
+    "Finding the model in a file: --entry NAME (an nn.Module instance or a zero-argument "
+    "callable); otherwise a module-level `model`, or a zero-argument "
+    f"{'/'.join(FACTORY_NAMES)}(); otherwise the single nn.Module subclass defined in the "
+    "file that builds without arguments. A dotted MODEL (torchvision.models.resnet50) is "
+    "imported and called with no arguments; a dotted module name is searched like a file.",
+    "Outputs in DIR: <name>_mgic.pt (torch.save of the GraphModule; reload with "
+    "torch.load(path, weights_only=False)), <name>_mgic_report.json and <name>_mgic_report.md, "
+    "where <name> is the file's stem or the last part of the dotted name. Existing outputs are "
+    "kept unless --force. If the model keeps classes from MODEL's file (leaf modules), load the "
+    ".pt from the file's directory so they can be imported.",
+    "Exit status: 0 ok; 2 usage or input error; 1 the model cannot be transformed. "
+    "Errors are one line on stderr; --debug adds the traceback.",
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="mgic-transform",
@@ -88,20 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Rewrite a PyTorch CNN into a multigrid-in-channels (MGIC) network, save it, and print "
             "a parameter/FLOP comparison (fvcore: one multiply-add = one FLOP, as in the MGIC paper)."
         ),
-        epilog=(
-            "Finding the model in a file: --entry NAME (an nn.Module instance or a zero-argument "
-            "callable); otherwise a module-level `model`, or a zero-argument "
-            f"{'/'.join(FACTORY_NAMES)}(); otherwise the single nn.Module subclass defined in the "
-            "file that builds without arguments. A dotted MODEL (torchvision.models.resnet50) is "
-            "imported and called with no arguments; a dotted module name is searched like a file.\n\n"
-            "Outputs in DIR: <name>_mgic.pt (torch.save of the GraphModule; reload with "
-            "torch.load(path, weights_only=False)), <name>_mgic_report.json and <name>_mgic_report.md, "
-            "where <name> is the file's stem or the last part of the dotted name. If the model keeps "
-            "classes from MODEL's file (leaf modules), load the .pt from the file's directory so "
-            "they can be imported.\n\n"
-            "Exit status: 0 ok; 2 usage/input error; 1 the model cannot be transformed."
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(textwrap.fill(paragraph, 79) for paragraph in _EPILOG),
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keep the epilog's paragraphs
     )
     p.add_argument("model", metavar="MODEL",
                    help="a Python file (model.py) or a constructor such as torchvision.models.resnet50")

@@ -1,0 +1,69 @@
+"""The arithmetic of the hierarchy: level widths, group counts, the paper's cost formula."""
+
+import pytest
+
+from mgic_transform.hierarchy import analytic_params, largest_divisor_at_most, level_groups, level_widths, transfer_groups
+
+
+@pytest.mark.parametrize(
+    "c, s_c, expected",
+    [
+        (256, 64, (256, 128, 64)),
+        (2048, 64, (2048, 1024, 512, 256, 128, 64)),
+        (64, 16, (64, 32, 16)),
+        (96, 64, (96, 48)),  # halving stops at the first width <= s_c
+        (100, 32, (100, 50, 25)),  # widths that do not halve twice evenly
+        (75, 16, (75, 37, 18, 9)),  # odd widths round down
+        (64, 64, (64,)),  # already narrow: one level, the block is left alone
+        (16, 64, (16,)),
+    ],
+)
+def test_level_widths(c, s_c, expected):
+    widths = level_widths(c, s_c)
+    assert widths == expected
+    assert widths[-1] <= s_c or len(widths) == 1
+    assert all(b == a // 2 for a, b in zip(widths, widths[1:]))
+
+
+@pytest.mark.parametrize(
+    "widths, s_g, expected",
+    [
+        ((256, 128, 64), 32, (8, 4, 1)),
+        ((64, 32, 16), 8, (8, 4, 1)),
+        ((120, 60), 32, (3, 1)),  # 120/32 = 3.75 -> 3 groups of 40 (group size grows to divide)
+        ((200, 100, 50), 64, (2, 1, 1)),  # 200 // 64 = 3 does not divide 200: 2 groups of 100
+        ((75, 37, 18), 16, (3, 1, 1)),  # 37 is prime: its level cannot be grouped
+        ((48, 24), 32, (1, 1)),
+    ],
+)
+def test_level_groups_divisibility_rule(widths, s_g, expected):
+    groups = level_groups(widths, s_g)
+    for c, g in zip(widths, groups):
+        assert c % g == 0, "every level's group count divides its width"
+        assert g <= max(1, c // s_g), "groups never exceed c / s_g (group size never below s_g)"
+    assert groups[-1] == 1, "the coarsest level is fully coupled"
+    # brute force: the largest admissible count at every fine level
+    for c, g in zip(widths[:-1], groups[:-1]):
+        assert g == max(d for d in range(1, max(1, c // s_g) + 1) if c % d == 0)
+    assert groups == expected
+
+
+def test_largest_divisor_at_most():
+    assert largest_divisor_at_most(200, 3) == 2
+    assert largest_divisor_at_most(37, 2) == 1
+    assert largest_divisor_at_most(64, 100) == 64
+
+
+def test_transfer_groups_divide_both_widths():
+    for fine in range(2, 300):
+        coarse = fine // 2
+        g = transfer_groups(fine, coarse, 8)
+        assert fine % g == 0 and coarse % g == 0 and 1 <= g <= max(1, fine // 8)
+
+
+def test_analytic_formula_worked_by_hand():
+    # (3.5): sum_j s_g c_j (d^2+1) + s_c^2 d^2 with c=64, s_g=8, s_c=16, d=3
+    by_hand = 8 * 64 * (9 + 1) + 8 * 32 * (9 + 1) + 16 * 16 * 9
+    assert analytic_params((64, 32, 16), 8, 9.0) == by_hand == 9984
+    # linear in the width: doubling c (with one more level) adds s_g * 2c * (d^2 + 1)
+    assert analytic_params((128, 64, 32, 16), 8, 9.0) - by_hand == 8 * 128 * 10

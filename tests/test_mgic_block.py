@@ -1,0 +1,95 @@
+"""MGICBlock semantics: the identity property, transfer-operator init, parameter count vs. formula (3.5)."""
+
+import pytest
+import torch
+from torch import nn
+
+import mgic_transform as mt
+from mgic_transform.hierarchy import analytic_params, level_groups, level_widths, transfer_groups
+from mgic_transform.nn import MGICBlock
+from mgic_transform.nn.transfer import GroupedLinear, make_residual_norm, make_transfer
+
+
+def _identity_mgic(widths, s_g, spatial_dims, channels_last=False):
+    space = {"spatial_dims": spatial_dims, "channels_last": channels_last}
+    pairs = list(zip(widths, widths[1:]))
+    return MGICBlock(
+        [nn.Identity() for _ in widths],
+        [make_transfer(f, c, transfer_groups(f, c, s_g), **space) for f, c in pairs],
+        [make_transfer(c, f, transfer_groups(f, c, s_g), **space) for f, c in pairs],
+        [make_residual_norm(f, **space) for f, _ in pairs],
+    )
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize(
+    "shape, spatial_dims, channels_last",
+    [((4, 64, 5, 5), 2, False), ((4, 64, 9), 1, False), ((4, 64), 0, False), ((4, 3, 7, 64), 0, True)],
+)
+def test_identity_block_gives_identity_mgic_block(shape, spatial_dims, channels_last, training):
+    torch.manual_seed(0)
+    block = _identity_mgic(level_widths(64, 16), 8, spatial_dims, channels_last).train(training)
+    x = torch.randn(*shape)
+    torch.testing.assert_close(block(x), x, rtol=0, atol=1e-6)
+
+
+def test_non_identity_levels_change_the_output():
+    """Guard for the identity test: with a real coarse block the output does change."""
+    torch.manual_seed(0)
+    block = _identity_mgic((64, 32, 16), 8, 2)
+    block.levels[-1] = nn.Conv2d(16, 16, 3, padding=1)
+    x = torch.randn(2, 64, 5, 5)
+    assert not torch.allclose(block(x), x)
+
+
+@pytest.mark.parametrize("channels_last, spatial_dims", [(False, 2), (False, 1), (False, 0), (True, 0)])
+@pytest.mark.parametrize("fine, coarse, groups", [(64, 32, 8), (256, 128, 8), (75, 37, 1)])
+def test_transfer_init_positive_rows_sum_to_one(fine, coarse, groups, channels_last, spatial_dims):
+    for a, b in ((fine, coarse), (coarse, fine)):
+        op = make_transfer(a, b, groups, spatial_dims=spatial_dims, channels_last=channels_last)
+        w = op.weight.detach()
+        assert (w > 0).all()
+        rows = w.reshape(b, -1) if not isinstance(op, GroupedLinear) else w.reshape(-1, a // groups)
+        assert rows.shape == (b, a // groups)
+        torch.testing.assert_close(rows.sum(1), torch.ones(b))
+        # as an operator: a constant input stays constant (each output averages its group)
+        x = torch.full((2, a) + (3,) * (spatial_dims if not channels_last else 0), 5.0)
+        y = op(x.movedim(1, -1) if channels_last else x)
+        torch.testing.assert_close(y, torch.full_like(y, 5.0))
+
+
+def test_grouped_linear_matches_block_diagonal_linear():
+    torch.manual_seed(0)
+    gl = GroupedLinear(12, 6, groups=3)
+    dense = torch.block_diag(*gl.weight.detach())  # (6, 12)
+    x = torch.randn(4, 5, 12)
+    torch.testing.assert_close(gl(x), x @ dense.T + gl.bias.detach())
+
+
+class _OneConv(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 1)
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return self.conv(self.stem(x))
+
+
+def test_parameter_count_matches_formula_3_5():
+    """One 3x3 conv of width c=64 with s_g=8, s_c=16, worked by hand against (3.5)."""
+    c, s_g, s_c, d = 64, 8, 16, 3
+    gm = mt.mgicify(_OneConv(c), torch.randn(1, 3, 8, 8), group_size=s_g, coarsest_width=s_c)
+    (decision,) = gm.meta["mgic"].rewritten
+    block = gm.get_submodule(decision.module)
+    assert isinstance(block, MGICBlock)
+    count = lambda mods: sum(p.numel() for m in mods for p in m.parameters())
+    # relaxation: grouped s_g*c_j*d^2 at the fine levels, s_c^2*d^2 at the coarsest
+    assert [count([lv]) for lv in block.levels] == [s_g * 64 * d * d, s_g * 32 * d * d, s_c * s_c * d * d]
+    # transfer: R_j and P_j together s_g * c_j
+    assert [count([r, p]) for r, p in zip(block.restrict, block.prolong)] == [s_g * 64, s_g * 32]
+    by_hand = sum(s_g * cj * (d * d + 1) for cj in (64, 32)) + s_c * s_c * d * d
+    norms = count(block.norms)  # BatchNorm on the prolonged residual: 2 c_j, outside the formula
+    assert count([block]) == by_hand + norms == decision.params_after
+    assert decision.analytic_params == by_hand
+    assert decision.levels == (64, 32, 16) and decision.groups == level_groups((64, 32, 16), s_g)

@@ -1,0 +1,143 @@
+"""mgicify() end to end on the models of the core issue: torchvision CNNs and hand-written architectures.
+
+For every model: the result lints, keeps the output shape, trains (every MGIC
+parameter gets a gradient), is smaller, and the input model is untouched.
+"""
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import mgic_transform as mt
+from mgic_transform.nn import MGICBlock
+from custom_models import CUSTOM_MODELS
+
+TORCHVISION = {
+    # name -> (example input shape, group_size, coarsest_width)
+    "resnet18": ((2, 3, 64, 64), 32, 64),
+    "resnet50": ((2, 3, 64, 64), 32, 64),
+    "wide_resnet50_2": ((2, 3, 64, 64), 32, 64),
+    "resnext50_32x4d": ((2, 3, 64, 64), 32, 64),
+    "mobilenet_v2": ((2, 3, 64, 64), 16, 32),
+    "mobilenet_v3_large": ((2, 3, 64, 64), 16, 32),
+}
+
+
+def _build(name):
+    torch.manual_seed(0)
+    if name in TORCHVISION:
+        shape, s_g, s_c = TORCHVISION[name]
+        return torchvision.models.get_model(name, weights=None), shape, s_g, s_c
+    ctor, shape, s_g, s_c = CUSTOM_MODELS[name]
+    return ctor(), shape, s_g, s_c
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()]
+
+
+def _n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", list(TORCHVISION) + list(CUSTOM_MODELS))
+def test_mgicify_model(name):
+    model, shape, s_g, s_c = _build(name)
+    model.train()
+    x = torch.randn(*shape)
+    before, flags = _state(model)
+
+    gm = mt.mgicify(model, x, group_size=s_g, coarsest_width=s_c)
+
+    assert isinstance(gm, torch.fx.GraphModule)
+    gm.graph.lint()
+    plan = gm.meta["mgic"]
+    assert plan.rewritten, f"no block rewritten: {[(b.path, b.reason) for b in plan.blocks]}"
+    for d in plan.rewritten:
+        block = gm.get_submodule(d.module)
+        assert isinstance(block, MGICBlock)
+        assert block.num_levels == len(d.levels) >= 2
+        assert d.levels[0] == d.out_width and d.levels[-1] <= s_c
+        assert d.params_after == _n_params(block) < d.params_before
+    for d in plan.skipped:
+        assert d.reason, f"skipped block {d.path} has no reason"
+    mgic_nodes = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), MGICBlock)]
+    assert len(mgic_nodes) == len(plan.rewritten)
+
+    # the input model is untouched: parameters, buffers, training flags
+    after, flags_after = _state(model)
+    assert flags_after == flags
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert gm.training == model.training
+
+    # same output shape; fewer parameters
+    model.eval(), gm.eval()
+    with torch.no_grad():
+        assert gm(x).shape == model(x).shape
+    assert _n_params(gm) < _n_params(model)
+
+    # a training step: every MGIC parameter receives a gradient
+    gm.train()
+    opt = torch.optim.SGD(gm.parameters(), lr=0.01)
+    loss = gm(x).float().pow(2).mean()
+    loss.backward()
+    for d in plan.rewritten:
+        for pname, p in gm.get_submodule(d.module).named_parameters():
+            assert p.grad is not None, f"{d.module}.{pname} got no gradient"
+            assert torch.isfinite(p.grad).all()
+    opt.step()
+    with torch.no_grad():
+        assert torch.isfinite(gm(x)).all()
+
+
+def test_default_arguments_need_no_example_input():
+    model = torchvision.models.resnet18()
+    gm = mt.mgicify(model)
+    assert gm.meta["mgic_example_inputs"][0].shape == (1, 3, 224, 224)
+    assert gm.meta["mgic"].group_size == 32 and gm.meta["mgic"].coarsest_width == 32
+    assert gm.meta["mgic"].rewritten
+    model.eval(), gm.eval()
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        assert gm(x).shape == model(x).shape == (1, 1000)
+
+
+def test_skip_patterns_leave_blocks_alone():
+    model = torchvision.models.resnet50()
+    gm = mt.mgicify(model, torch.randn(1, 3, 64, 64), group_size=32, coarsest_width=64, skip=["layer4.*"])
+    by_path = {d.path: d for d in gm.meta["mgic"].blocks}
+    assert not by_path["layer4.1"].rewritten and "layer4.*" in by_path["layer4.1"].reason
+    assert by_path["layer3.1"].rewritten
+    assert isinstance(gm.get_submodule("layer4.1.conv2"), nn.Conv2d)
+
+
+def test_unmatched_skip_pattern_warns():
+    with pytest.warns(UserWarning, match="matched no block"):
+        mt.mgicify(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64), skip=["nosuchlayer.*"])
+
+
+def test_blocks_are_stored_at_their_module_path():
+    gm = mt.mgicify(torchvision.models.resnet50(), torch.randn(1, 3, 64, 64), group_size=32, coarsest_width=64)
+    assert isinstance(gm.get_submodule("layer3.1"), MGICBlock)
+    assert "layer3.1.levels.0" in dict(gm.named_modules())
+    assert "getattr(self.layer3, \"1\")" in gm.code
+
+
+def test_narrow_blocks_are_reported():
+    model = CUSTOM_MODELS["cifar_resnet56"][0]()
+    gm = mt.mgicify(model, torch.randn(1, 3, 32, 32), group_size=8, coarsest_width=16)
+    narrow = [d for d in gm.meta["mgic"].skipped if d.width == 16 and d.kind == "residual"]
+    assert len(narrow) == 9
+    assert all("not wider than coarsest_width=16" in d.reason for d in narrow)
+
+
+def test_result_is_independent_of_the_input_model():
+    model = CUSTOM_MODELS["inline_resnet"][0]()
+    gm = mt.mgicify(model, torch.randn(1, 3, 16, 16), group_size=16, coarsest_width=32)
+    with torch.no_grad():
+        for p in gm.parameters():
+            p.add_(1.0)
+    # the kept layers are copies: changing the result leaves the model alone
+    assert not any(p1 is p2 for p1 in gm.parameters() for p2 in model.parameters())
+    assert not torch.equal(model.stem.weight, gm.get_submodule("stem").weight)
