@@ -101,9 +101,10 @@ _EPILOG = (
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="mgic-transform",
-        description=(
+        description=textwrap.fill(
             "Rewrite a PyTorch CNN into a multigrid-in-channels (MGIC) network, save it, and print "
-            "a parameter/FLOP comparison (fvcore: one multiply-add = one FLOP, as in the MGIC paper)."
+            "a parameter/FLOP comparison (fvcore: one multiply-add = one FLOP, as in the MGIC paper).",
+            79,
         ),
         epilog="\n\n".join(textwrap.fill(paragraph, 79) for paragraph in _EPILOG),
         formatter_class=argparse.RawDescriptionHelpFormatter,  # keep the epilog's paragraphs

@@ -253,3 +253,29 @@ def test_untraceable_model_exits_1(tmp_path):
 @pytest.mark.slow
 def test_input_shape_the_model_rejects(tmp_path):
     assert_one_line_error(run_cli(TINY, "--input-shape", "1,5,16,16", cwd=tmp_path), 2, "input")
+
+
+# --------------------------------------------------------------------------- options, in this process
+
+
+def test_options_reach_the_compiler(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "o"
+    proc = run_main(TINY, *SMALL, "--coarsest-width", "32", "--transitions", "--skip", "layer2",
+                    "--output-dir", out, "--format", "json", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["options"] == {"group_size": 16, "coarsest_width": 32, "transitions": True, "skip": ["layer2"]}
+    rows = {b["path"]: b for b in report["blocks"]}
+    assert rows["layer2"]["status"] == "skipped" and rows["layer2"]["reason"]
+    assert rows["layer1"]["status"] == "rewritten" and rows["layer1"]["levels"][-1] <= 32
+    assert any(b["kind"] == "transition" and b["status"] == "rewritten" for b in report["blocks"])
+    assert json.loads((out / "tiny_resnet_mgic_report.json").read_text()) == report
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
+    path = write(tmp_path, "raises.py", "raise RuntimeError('boom')\n")
+    quiet = run_main(path, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    loud = run_main(path, "--debug", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert quiet.returncode == loud.returncode == 2
+    assert "Traceback" not in quiet.stderr and "Traceback" in loud.stderr
+    assert loud.stderr.strip().splitlines()[-1] == quiet.stderr.strip()
