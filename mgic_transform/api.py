@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import fnmatch
-import time
 import warnings
 from typing import Any, Iterable, Optional, Sequence, Union
 
@@ -12,6 +10,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from ._modcopy import copy_structure
 from .errors import ConfigError, InputError
 from .passes.blocks import find_blocks
 from .passes.rewrite import rewrite_blocks
@@ -45,6 +44,10 @@ def infer_example_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
         f"cannot infer an example input for {type(model).__name__}: it has no Conv or Linear layer to read the "
         f"input width from. Hint: pass example_inputs=torch.randn(...) with the shape the model expects."
     )
+
+
+def _tensors(module: nn.Module) -> list[torch.Tensor]:
+    return [*module.parameters(), *module.buffers()]
 
 
 def _check_positive_int(name: str, value: Any) -> int:
@@ -119,7 +122,10 @@ def mgicify(
         raise ConfigError(f"skip must be glob patterns (strings) over module paths, got {skip!r}.")
     inputs = infer_example_inputs(model) if example_inputs is None else _normalise_inputs(example_inputs)
 
-    work = copy.deepcopy(model)
+    # Work on a copy of the module tree that shares the weights (cheap); the
+    # weights the result keeps are copied once at the end, the ones replaced by
+    # MGIC blocks never are.
+    work = copy_structure(model)
     gm = trace(work, leaf_modules=leaf_modules, concrete_args=concrete_args)
     gm.graph.eliminate_dead_code()
     propagate_shapes(gm, inputs)
@@ -130,7 +136,9 @@ def mgicify(
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
-    gm.train(model.training)
+    fresh = {id(t): t for d in decisions if d.module for t in _tensors(gm.get_submodule(d.module))}
+    gm = copy.deepcopy(gm, fresh)  # private copies of the kept original weights
+    gm.training = model.training
 
     unused = [p for p in skip if not any(f"pattern {p!r}" in (d.reason or "") for d in decisions)]
     if unused:

@@ -142,7 +142,6 @@ def build_parser() -> argparse.ArgumentParser:
 class ModelSource:
     """Where the model comes from: a namespace to search (file or module) or one object."""
 
-    name: str                                   # used for the output file names
     namespace: Optional[Mapping[str, Any]] = None
     obj: Any = None
     where: str = ""                            # for messages: "net.py", "torchvision.models"
@@ -187,7 +186,7 @@ def _exec_file(path: Path) -> ModelSource:
         exec(code, module.__dict__)
     except Exception as exc:  # noqa: BLE001 - user code: any failure is an input error
         raise CLIError(f"{_where_in(exc, path)}running {path} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
-    return ModelSource(name=path.stem, namespace=vars(module), where=str(path), module_name=name)
+    return ModelSource(namespace=vars(module), where=str(path), module_name=name)
 
 
 def _where_in(exc: BaseException, path: Path) -> str:
@@ -205,7 +204,7 @@ def _import_spec(spec: str) -> ModelSource:
     if not attr:
         module = _try_import(module_part)
         if module is not None:
-            return ModelSource(name=dotted[-1], namespace=vars(module), where=module_part, module_name=module.__name__)
+            return ModelSource(namespace=vars(module), where=module_part, module_name=module.__name__)
         if len(dotted) == 1:
             raise CLIError(f"MODEL {spec!r} is neither an existing file nor an importable module; check the spelling")
         module_part, attr = ".".join(dotted[:-1]), dotted[-1]
@@ -214,7 +213,7 @@ def _import_spec(spec: str) -> ModelSource:
         raise CLIError(f"cannot import {module_part!r} (from MODEL {spec!r}); is it installed in this environment?")
     if not hasattr(module, attr):
         raise CLIError(f"{module_part} has no attribute {attr!r}; check MODEL {spec!r}")
-    return ModelSource(name=attr, obj=getattr(module, attr), where=f"{module_part}.{attr}")
+    return ModelSource(obj=getattr(module, attr), where=f"{module_part}.{attr}")
 
 
 def _try_import(name: str) -> Optional[types.ModuleType]:
@@ -300,13 +299,14 @@ def _candidates(src: ModelSource) -> str:
     """A short list of what the search saw: classes with their required arguments, instances, factories."""
     from torch import nn
 
+    classes = _module_classes(src)
     seen = []
     for name, v in (src.namespace or {}).items():
         if name.startswith("_"):
             continue
         if isinstance(v, nn.Module):
             seen.append(f"{name} (instance)")
-        elif v in _module_classes(src):
+        elif v in classes:
             req = _required_args(v)
             seen.append(f"class {name}" + (f"({', '.join(req)})" if req else "()"))
         elif inspect.isfunction(v) and getattr(v, "__module__", None) == src.module_name:
@@ -315,14 +315,14 @@ def _candidates(src: ModelSource) -> str:
     return ", ".join(seen)
 
 
-def load_model(spec: str, entry: Optional[str] = None) -> tuple[Any, str]:
-    """Resolve MODEL (a file or a dotted name) to ``(nn.Module, name for the outputs)``."""
+def load_model(spec: str, entry: Optional[str] = None) -> Any:
+    """Resolve MODEL (a file or a dotted name) and ``--entry`` to an ``nn.Module``."""
     src = _exec_file(Path(spec)) if _is_file_spec(spec) else _import_spec(spec)
     if src.namespace is not None:
-        return _find_in_namespace(src, entry), src.name
+        return _find_in_namespace(src, entry)
     if entry is not None:
         raise CLIError(f"--entry applies to a file or a module; {spec!r} already names one object")
-    return _build(src.obj, src.where), src.name
+    return _build(src.obj, src.where)
 
 
 def output_name(spec: str) -> str:
@@ -439,7 +439,7 @@ def _run(args: argparse.Namespace, progress: _Progress) -> int:
         raise CLIError(f"--output-dir {out_dir} exists and is not a directory")
 
     with progress.step(f"loading {args.model}"):
-        model, _ = load_model(args.model, args.entry)
+        model = load_model(args.model, args.entry)
     inputs = tuple(torch.randn(s) for s in args.input_shape) if args.input_shape else None
     with progress.step("tracing and rewriting"):
         gm = _transform(model, inputs, args)

@@ -45,7 +45,6 @@ import contextlib
 import json
 import math
 import warnings
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 

@@ -29,6 +29,9 @@ get_attr tensors        every dimension whose size is a block width is resized b
 ``c_j``; every inner width ``w`` becomes ``round(w * c_j / c / G) * G`` (at least
 ``G``), so every inner width stays divisible by the group count. Every new layer
 is freshly initialised with the layer's own ``reset_parameters``.
+
+The replay runs on the meta device: layers are created storage-less, and only
+a variant that maps its input shape to itself is allocated and initialised.
 """
 
 from __future__ import annotations
@@ -41,12 +44,11 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from ..passes.channels import CONV_TYPES, layer_channel_dim
 from .transfer import GroupedLinear
 
-__all__ = ["LevelSpec", "VariantError", "extract_block", "build_variant", "common_prefix"]
+__all__ = ["LevelSpec", "VariantError", "VariantFactory", "extract_block", "build_variant", "common_prefix"]
 
 
 class VariantError(Exception):
@@ -137,28 +139,34 @@ def _fetch(module: nn.Module, target: str) -> Any:
 
 
 def _fresh_like(mod: nn.Module, shapes: dict[str, tuple[int, ...]], **attrs: Any) -> nn.Module:
-    """A copy of ``mod`` with new attributes and freshly initialised parameters of new shapes.
+    """A copy of ``mod`` with new attributes and *meta-device* parameters/buffers of new shapes.
 
-    Parameters/buffers are not deep-copied (they are about to be replaced).
+    Nothing is initialised here: :func:`_materialize` allocates and calls
+    ``reset_parameters`` once the variant has been validated. The original
+    parameters are never copied (they are about to be replaced).
     """
     memo = {id(t): t for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False))}
     new = copy.deepcopy(mod, memo)
     for k, v in attrs.items():
         setattr(new, k, v)
-    with unset_fake_temporarily():
-        for name, p in list(new._parameters.items()):
-            if p is not None:
-                shape = shapes.get(name, tuple(p.shape))
-                new._parameters[name] = nn.Parameter(
-                    torch.empty(shape, dtype=p.dtype, device=p.device), requires_grad=p.requires_grad
-                )
-        for name, b in list(new._buffers.items()):
-            if b is not None:
-                shape = shapes.get(name, tuple(b.shape))
-                new._buffers[name] = torch.zeros(shape, dtype=b.dtype, device=b.device)
-        if hasattr(new, "reset_parameters"):
-            new.reset_parameters()
+    for name, p in list(new._parameters.items()):
+        if p is not None:
+            shape = shapes.get(name, tuple(p.shape))
+            new._parameters[name] = nn.Parameter(torch.empty(shape, dtype=p.dtype, device="meta"),
+                                                 requires_grad=p.requires_grad)
+    for name, b in list(new._buffers.items()):
+        if b is not None:
+            new._buffers[name] = torch.empty(shapes.get(name, tuple(b.shape)), dtype=b.dtype, device="meta")
     return new
+
+
+def _materialize(module: nn.Module, device: torch.device) -> nn.Module:
+    """Allocate a meta-device layer on ``device`` and initialise it with its own ``reset_parameters``."""
+    module.to_empty(device=device)
+    for m in module.modules():
+        if hasattr(m, "reset_parameters") and (m._parameters or m._buffers):
+            m.reset_parameters()
+    return module
 
 
 def _nearest_divisor(n: int, target: float) -> int:
@@ -191,9 +199,7 @@ def _linear(mod: nn.Linear, in_w: int, spec: LevelSpec) -> nn.Module:
     groups = math.gcd(spec.groups, math.gcd(in_w, out_w))
     if groups == 1:
         return _fresh_like(mod, {"weight": (out_w, in_w), "bias": (out_w,)}, in_features=in_w, out_features=out_w)
-    with unset_fake_temporarily():
-        w = mod.weight
-        return GroupedLinear(in_w, out_w, groups, bias=mod.bias is not None, device=w.device, dtype=w.dtype)
+    return GroupedLinear(in_w, out_w, groups, bias=mod.bias is not None, device="meta", dtype=mod.weight.dtype)
 
 
 def _norm(mod: nn.Module, in_w: int, spec: LevelSpec) -> nn.Module:
@@ -240,14 +246,13 @@ def _as_tuple(v: Any) -> tuple:
 
 
 def _resize_tensor(t: torch.Tensor, spec: LevelSpec, widths: frozenset[int]) -> torch.Tensor:
-    with unset_fake_temporarily():
-        out = t.detach()
-        for dim, size in enumerate(t.shape):
-            if size > 1 and size in widths:
-                new = spec.map_width(size)
-                out = out.index_select(dim, torch.arange(new, device=t.device) % size)
-        out = out.clone()
-        return nn.Parameter(out, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else out
+    out = t.detach()
+    for dim, size in enumerate(t.shape):
+        if size > 1 and size in widths:
+            new = spec.map_width(size)
+            out = out.index_select(dim, torch.arange(new, device=t.device) % size)
+    out = out.clone()
+    return nn.Parameter(out, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else out
 
 
 class _Reinstantiate(torch.fx.Interpreter):
@@ -276,43 +281,97 @@ class _Reinstantiate(torch.fx.Interpreter):
         value = self.fetch_attr(target)
         if isinstance(value, torch.Tensor):
             value = _resize_tensor(value, self.spec, self.widths)
+            self.new_attrs[target] = value
+            return value.detach().to("meta")
         self.new_attrs[target] = value
         return value
 
 
-def build_variant(
-    block: torch.fx.GraphModule, spec: LevelSpec, input_shape: torch.Size, channel_dim: int,
-    widths: frozenset[int], dtype: torch.dtype = torch.float32,
-) -> torch.fx.GraphModule:
-    """The block re-instantiated at ``spec.width`` channels; checked to map that shape to itself.
+@dataclass
+class _Recipe:
+    """What one replay learned: the level's new layers (meta-device templates) and resized tensors."""
 
-    Raises :class:`VariantError` with a readable reason when an op rejects the
-    new width (a hard-coded size in a ``view``, an unsupported layer ...).
-    """
-    shape = list(input_shape)
-    shape[channel_dim] = spec.width
+    modules: dict[str, nn.Module]
+    tensors: tuple[str, ...]
+
+
+def _replay(block: torch.fx.GraphModule, spec: LevelSpec, shape: list[int], widths: frozenset[int],
+            dtype: torch.dtype) -> _Recipe:
     interp = _Reinstantiate(block, spec, widths)
-    was_training = block.training
-    block.eval()
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            x = torch.empty(shape, dtype=dtype)
-            try:
-                out = interp.run(x)
-            except VariantError:
-                raise
-            except Exception as exc:  # an op rejected the new width
-                node = interp.node
-                where = f"at {node.op} {node.target}" if node is not None else ""
-                msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise VariantError(f"cannot re-instantiate at width {spec.width} {where}: {msg}") from exc
-    finally:
-        block.train(was_training)
+        out = interp.run(torch.empty(shape, dtype=dtype, device="meta"))
+    except VariantError:
+        raise
+    except Exception as exc:  # an op rejected the new width
+        node = interp.node
+        where = f"at {node.op} {node.target}" if node is not None else ""
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VariantError(f"cannot re-instantiate at width {spec.width} {where}: {msg}") from exc
     if not isinstance(out, torch.Tensor) or list(out.shape) != shape:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise VariantError(f"at width {spec.width} the block maps {tuple(shape)} to {got}, not to itself")
-    graph = torch.fx.Graph()
-    graph.output(graph.graph_copy(block.graph, {}))
-    variant = torch.fx.GraphModule(interp.new_attrs, graph, "Block")
-    variant.train(was_training)
-    return variant
+    modules = {k: v for k, v in interp.new_attrs.items() if isinstance(v, nn.Module)}
+    tensors = tuple(k for k, v in interp.new_attrs.items() if not isinstance(v, nn.Module))
+    return _Recipe(modules, tensors)
+
+
+def _signature(block: torch.fx.GraphModule) -> tuple:
+    """Everything a replay depends on: the code, every layer's configuration, every constant's shape."""
+    layers = tuple((n.target, repr(block.get_submodule(n.target)), block.get_submodule(n.target).training)
+                   for n in block.graph.nodes if n.op == "call_module")
+    consts = []
+    for n in block.graph.nodes:
+        if n.op == "get_attr":
+            v = _fetch(block, n.target)
+            consts.append((n.target, tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else (n.target, repr(v)))
+    return block.code, layers, tuple(consts)
+
+
+class VariantFactory:
+    """Builds block variants, replaying each distinct block structure once per level.
+
+    Deep networks repeat the same block many times (27 identical units in a
+    ConvNeXt stage); their variants differ only in fresh initial weights, so the
+    replay result is cached on the block's structural signature and the level,
+    which keeps the transform linear in the number of *distinct* blocks.
+    """
+
+    def __init__(self) -> None:
+        self._recipes: dict[tuple, _Recipe | VariantError] = {}
+
+    def build(self, block: torch.fx.GraphModule, spec: LevelSpec, input_shape: torch.Size, channel_dim: int,
+              widths: frozenset[int], dtype: torch.dtype = torch.float32,
+              device: torch.device | str = "cpu") -> torch.fx.GraphModule:
+        """The block re-instantiated at ``spec.width`` channels, checked to map that shape to itself.
+
+        The graph is replayed on meta tensors with meta-device layers (fast,
+        nothing allocated); only a variant that passes is allocated on
+        ``device`` and initialised. Raises :class:`VariantError` with a readable
+        reason when an op rejects the new width (a hard-coded size in a ``view``,
+        an unsupported layer ...).
+        """
+        shape = list(input_shape)
+        shape[channel_dim] = spec.width
+        key = (_signature(block), spec, tuple(shape), widths, dtype)
+        recipe = self._recipes.get(key)
+        if recipe is None:
+            try:
+                recipe = _replay(block, spec, shape, widths, dtype)
+            except VariantError as exc:
+                recipe = exc
+            self._recipes[key] = recipe
+        if isinstance(recipe, VariantError):
+            raise VariantError(str(recipe))
+        attrs: dict[str, Any] = {k: _materialize(copy.deepcopy(m), torch.device(device)) for k, m in recipe.modules.items()}
+        for target in recipe.tensors:
+            attrs[target] = _resize_tensor(_fetch(block, target), spec, widths)
+        graph = torch.fx.Graph()
+        graph.output(graph.graph_copy(block.graph, {}))
+        return torch.fx.GraphModule(attrs, graph, "Block")
+
+
+def build_variant(block: torch.fx.GraphModule, spec: LevelSpec, input_shape: torch.Size, channel_dim: int,
+                  widths: frozenset[int], dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu") -> torch.fx.GraphModule:
+    """One variant, without caching (see :meth:`VariantFactory.build`)."""
+    return VariantFactory().build(block, spec, input_shape, channel_dim, widths, dtype, device)

@@ -20,7 +20,7 @@ from torch import nn
 from ..hierarchy import analytic_params, level_groups, level_widths, transfer_groups
 from ..nn.mgic_block import MGICBlock
 from ..nn.transfer import GroupedLinear, make_residual_norm, make_transfer
-from ..nn.variants import LevelSpec, VariantError, build_variant, common_prefix, extract_block
+from ..nn.variants import LevelSpec, VariantError, VariantFactory, common_prefix, extract_block
 from ..plan import REWRITTEN, SKIPPED, BlockDecision
 from .blocks import Region
 from .channels import block_channel_dim, is_channel_mixing, layer_channel_dim
@@ -97,8 +97,8 @@ def _connector(c_in: int, c_out: int, in_shape: torch.Size, out_shape: torch.Siz
 
 
 def _build(gm: torch.fx.GraphModule, region: Region, *, group_size: int, coarsest_width: int,
-           skip: Sequence[str], transitions: bool, path: str, layers: tuple[str, ...], cd: int
-           ) -> tuple[MGICBlock, dict]:
+           skip: Sequence[str], transitions: bool, path: str, layers: tuple[str, ...], cd: int,
+           factory: VariantFactory) -> tuple[MGICBlock, dict]:
     entry_shape, exit_shape = shape_of(region.entry), shape_of(region.exit)
     c_in, c_out = entry_shape[cd], exit_shape[cd]
     for pattern in skip:
@@ -135,7 +135,8 @@ def _build(gm: torch.fx.GraphModule, region: Region, *, group_size: int, coarses
     for c, g in zip(widths, groups):
         spec = LevelSpec(c, g, frozenset({c_out}), c_out, unstride=region.kind == "transition")
         try:
-            variants.append(build_variant(block, spec, torch.Size(level_shape), cd, frozenset(inner), like.dtype))
+            variants.append(factory.build(block, spec, torch.Size(level_shape), cd, frozenset(inner),
+                                          like.dtype, like.device))
         except VariantError as exc:
             raise _Decline(str(exc)) from exc
     space = {"spatial_dims": spatial if not channels_last else 0, "channels_last": channels_last, "like": like}
@@ -149,7 +150,7 @@ def _build(gm: torch.fx.GraphModule, region: Region, *, group_size: int, coarses
     if region.kind == "transition":
         connector = _connector(c_in, c_out, entry_shape, exit_shape, cd, like)
     mgic = MGICBlock(variants, restrict, prolong, norms, connector)
-    mgic.train(gm.training)
+    mgic.train(gm.get_submodule(layers[0]).training if layers else gm.training)
     before = _unique_params(gm, region)
     after = sum(p.numel() for p in mgic.parameters())
     if after >= before:
@@ -199,10 +200,12 @@ def rewrite_blocks(gm: torch.fx.GraphModule, regions: Sequence[Region], *, group
     decisions = []
     taken: set[str] = set()
     replaced: dict[torch.fx.Node, torch.fx.Node] = {}  # exit of a rewritten block -> its MGICBlock node
+    modules = dict(gm.named_modules())
+    factory = VariantFactory()
     for region in regions:
         region.entry = replaced.get(region.entry, region.entry)
         path, layers = _block_path(gm, region)
-        cd = block_channel_dim(region.entry, region.nodes, dict(gm.named_modules()))
+        cd = block_channel_dim(region.entry, region.nodes, modules)
         entry_shape, exit_shape = shape_of(region.entry), shape_of(region.exit)
         common = dict(path=path, kind=region.kind, layers=layers, nodes=tuple(n.name for n in region.nodes))
         if cd is None:
@@ -213,7 +216,7 @@ def rewrite_blocks(gm: torch.fx.GraphModule, regions: Sequence[Region], *, group
                       channel_dim=-1 if cd == len(entry_shape) - 1 and cd > 1 else cd)
         try:
             mgic, info = _build(gm, region, group_size=group_size, coarsest_width=coarsest_width, skip=skip,
-                                transitions=transitions, path=path, layers=layers, cd=cd)
+                                transitions=transitions, path=path, layers=layers, cd=cd, factory=factory)
         except _Decline as why:
             decisions.append(BlockDecision(status=SKIPPED, reason=str(why), params_before=_unique_params(gm, region),
                                            **widths, **common))
