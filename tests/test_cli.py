@@ -186,7 +186,7 @@ def test_saved_model_matches_in_memory_model(tmp_path):
     import mgic_transform as mt
     from mgic_transform.cli import load_model
 
-    model, _ = load_model(str(TINY))
+    model = load_model(str(TINY))
     gm = mt.mgicify(model, torch.randn(1, 3, 16, 16), group_size=16).eval()
     torch.save(gm, tmp_path / "m.pt")
     torch.manual_seed(0)
