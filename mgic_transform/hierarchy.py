@@ -35,24 +35,37 @@ def level_widths(width: int, coarsest_width: int) -> tuple[int, ...]:
 
 
 def level_groups(widths: tuple[int, ...], group_size: int) -> tuple[int, ...]:
-    """Group count ``G_j`` of every level: ``c_j / group_size``, the coarsest level ungrouped.
+    """Group count ``G_j`` of every level: ``c_j / s_g``, the coarsest level ungrouped.
 
-    Where ``group_size`` does not divide ``c_j``, the group count shrinks to the
-    largest count that divides ``c_j`` (equivalently: the group size grows to the
-    nearest size that divides, the paper's rule for MobileNetV3's odd widths).
+    Where ``s_g`` does not divide ``c_j``, the paper's rule applies (Sec. 4.3,
+    MobileNetV3: "we set s_g to the closest (smaller) integer ... such that it
+    divides them"): the group size shrinks to the largest divisor of ``c_j``
+    that is at most ``s_g``, so the group count is ``c_j`` over that. Groups
+    therefore never hold more than ``s_g`` channels and the cost stays within
+    formula (3.5).
 
     >>> level_groups((256, 128, 64), 32)
     (8, 4, 1)
-    >>> level_groups((120, 60), 32)   # 120/32 = 3.75 -> 3 groups of 40
-    (3, 1)
+    >>> level_groups((120, 60), 32)   # group size 30 divides 120: 4 groups
+    (4, 1)
+    >>> level_groups((244, 122), 32)  # 244 = 4 * 61: groups of 4
+    (61, 1)
     """
-    fine = tuple(largest_divisor_at_most(c, max(1, c // group_size)) for c in widths[:-1])
+    fine = tuple(c // largest_divisor_at_most(c, group_size) for c in widths[:-1])
     return fine + (1,)
 
 
 def transfer_groups(fine: int, coarse: int, group_size: int) -> int:
-    """Groups of ``R_j: fine -> coarse`` (and of ``P_j``): ``fine / group_size``, shrunk to divide both widths."""
-    return largest_divisor_at_most(math.gcd(fine, coarse), max(1, fine // group_size))
+    """Groups of ``R_j: fine -> coarse`` (and of ``P_j``): ``fine / s_g``, grown until it divides both widths.
+
+    The smallest count ``G`` dividing both widths with at most ``s_g`` fine
+    channels per group; ``1`` when the widths share no such divisor.
+    """
+    common = math.gcd(fine, coarse)
+    for g in range(max(1, -(-fine // group_size)), common + 1):
+        if common % g == 0:
+            return g
+    return 1
 
 
 def analytic_params(widths: tuple[int, ...], group_size: int, kernel_params: float) -> int:

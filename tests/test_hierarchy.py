@@ -30,21 +30,23 @@ def test_level_widths(c, s_c, expected):
     [
         ((256, 128, 64), 32, (8, 4, 1)),
         ((64, 32, 16), 8, (8, 4, 1)),
-        ((120, 60), 32, (3, 1)),  # 120/32 = 3.75 -> 3 groups of 40 (group size grows to divide)
-        ((200, 100, 50), 64, (2, 1, 1)),  # 200 // 64 = 3 does not divide 200: 2 groups of 100
-        ((75, 37, 18), 16, (3, 1, 1)),  # 37 is prime: its level cannot be grouped
-        ((48, 24), 32, (1, 1)),
+        ((120, 60), 32, (4, 1)),  # 32 does not divide 120: the group size shrinks to 30
+        ((120, 60, 30), 64, (2, 1, 1)),  # the paper's MobileNetV3 example: s_g = 64 -> 60 for 120
+        ((200, 100, 50), 64, (4, 2, 1)),  # group size 50
+        ((75, 37, 18), 16, (5, 37, 1)),  # 37 is prime: that level is depthwise (group size 1)
+        ((244, 122), 32, (61, 1)),  # ShuffleNetV2 x2.0: 244 = 4 * 61
+        ((48, 24), 32, (2, 1)),
     ],
 )
 def test_level_groups_divisibility_rule(widths, s_g, expected):
     groups = level_groups(widths, s_g)
     for c, g in zip(widths, groups):
         assert c % g == 0, "every level's group count divides its width"
-        assert g <= max(1, c // s_g), "groups never exceed c / s_g (group size never below s_g)"
     assert groups[-1] == 1, "the coarsest level is fully coupled"
-    # brute force: the largest admissible count at every fine level
+    # brute force: the group size is the largest divisor of c_j that is at most s_g
     for c, g in zip(widths[:-1], groups[:-1]):
-        assert g == max(d for d in range(1, max(1, c // s_g) + 1) if c % d == 0)
+        assert c // g <= s_g
+        assert c // g == max(d for d in range(1, s_g + 1) if c % d == 0)
     assert groups == expected
 
 
@@ -58,7 +60,11 @@ def test_transfer_groups_divide_both_widths():
     for fine in range(2, 300):
         coarse = fine // 2
         g = transfer_groups(fine, coarse, 8)
-        assert fine % g == 0 and coarse % g == 0 and 1 <= g <= max(1, fine // 8)
+        assert fine % g == 0 and coarse % g == 0
+        admissible = [d for d in range(1, coarse + 1) if fine % d == 0 and coarse % d == 0 and fine // d <= 8]
+        assert g == (min(admissible) if admissible else 1)
+    assert transfer_groups(256, 128, 32) == 8  # the paper's c_j / s_g
+    assert transfer_groups(244, 122, 32) == 61
 
 
 def test_analytic_formula_worked_by_hand():

@@ -174,13 +174,13 @@ def _nearest_divisor(n: int, target: float) -> int:
     return min(divisors, key=lambda d: (abs(d - target), -d))
 
 
-def _conv(mod: nn.Conv2d, in_w: int, spec: LevelSpec) -> nn.Module:
+def _conv(mod: nn.Conv2d, in_w: int, spec: LevelSpec, width_of: Callable[[int], int]) -> nn.Module:
     k = tuple(mod.kernel_size)
     if mod.groups == mod.in_channels:  # depthwise (possibly with a channel multiplier)
         groups = in_w
         out_w = in_w * (mod.out_channels // mod.in_channels)
     else:
-        out_w = spec.map_width(mod.out_channels)
+        out_w = width_of(mod.out_channels)
         common = math.gcd(in_w, out_w)
         if mod.groups > 1:  # keep channels-per-group as far as it divides (ResNeXt cardinality)
             per_group = mod.in_channels // mod.groups
@@ -194,15 +194,15 @@ def _conv(mod: nn.Conv2d, in_w: int, spec: LevelSpec) -> nn.Module:
     return _fresh_like(mod, shapes, **attrs)
 
 
-def _linear(mod: nn.Linear, in_w: int, spec: LevelSpec) -> nn.Module:
-    out_w = spec.map_width(mod.out_features)
+def _linear(mod: nn.Linear, in_w: int, spec: LevelSpec, width_of: Callable[[int], int]) -> nn.Module:
+    out_w = width_of(mod.out_features)
     groups = math.gcd(spec.groups, math.gcd(in_w, out_w))
     if groups == 1:
         return _fresh_like(mod, {"weight": (out_w, in_w), "bias": (out_w,)}, in_features=in_w, out_features=out_w)
     return GroupedLinear(in_w, out_w, groups, bias=mod.bias is not None, device="meta", dtype=mod.weight.dtype)
 
 
-def _norm(mod: nn.Module, in_w: int, spec: LevelSpec) -> nn.Module:
+def _norm(mod: nn.Module, in_w: int, spec: LevelSpec, width_of: Callable[[int], int]) -> nn.Module:
     if isinstance(mod, nn.GroupNorm):
         groups = _nearest_divisor(in_w, mod.num_groups * in_w / mod.num_channels)
         return _fresh_like(mod, {"weight": (in_w,), "bias": (in_w,)}, num_channels=in_w, num_groups=groups)
@@ -212,7 +212,7 @@ def _norm(mod: nn.Module, in_w: int, spec: LevelSpec) -> nn.Module:
     return _fresh_like(mod, shapes, num_features=in_w)
 
 
-def _prelu(mod: nn.PReLU, in_w: int, spec: LevelSpec) -> nn.Module:
+def _prelu(mod: nn.PReLU, in_w: int, spec: LevelSpec, width_of: Callable[[int], int]) -> nn.Module:
     if mod.num_parameters == 1:
         return copy.deepcopy(mod)
     return _fresh_like(mod, {"weight": (in_w,)}, num_parameters=in_w)
@@ -221,7 +221,7 @@ def _prelu(mod: nn.PReLU, in_w: int, spec: LevelSpec) -> nn.Module:
 _POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 
 # The rule table: first matching type wins.
-_RULES: tuple[tuple[type, Callable[[Any, int, LevelSpec], nn.Module]], ...] = (
+_RULES: tuple[tuple[type, Callable[[Any, int, LevelSpec, Callable[[int], int]], nn.Module]], ...] = (
     (CONV_TYPES, _conv),
     (nn.Linear, _linear),
     ((nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm), _norm),
@@ -229,11 +229,15 @@ _RULES: tuple[tuple[type, Callable[[Any, int, LevelSpec], nn.Module]], ...] = (
 )
 
 
-def reinstantiate(mod: nn.Module, in_w: int, spec: LevelSpec) -> nn.Module:
-    """A fresh layer like ``mod`` reading ``in_w`` channels, at the level described by ``spec``."""
+def reinstantiate(mod: nn.Module, in_w: int, spec: LevelSpec,
+                  width_of: Optional[Callable[[int], int]] = None) -> nn.Module:
+    """A fresh layer like ``mod`` reading ``in_w`` channels, at the level described by ``spec``.
+
+    ``width_of`` maps an original output width to the new one (default: ``spec.map_width``).
+    """
     for types, rule in _RULES:
         if isinstance(mod, types):
-            return rule(mod, in_w, spec)
+            return rule(mod, in_w, spec, width_of or spec.map_width)
     if spec.unstride and isinstance(mod, _POOLS) and _as_tuple(mod.stride) != (1,) * len(_as_tuple(mod.stride)):
         return nn.Identity()  # the connector does the spatial downsampling of a transition
     if any(True for _ in mod.parameters()) or any(True for _ in mod.buffers()):
@@ -263,6 +267,10 @@ class _Reinstantiate(torch.fx.Interpreter):
         self.spec, self.widths = spec, widths
         self.new_attrs: dict[str, Any] = {}
         self.node: Optional[torch.fx.Node] = None
+        # original channel width -> width seen at this level, learned from the tensors
+        # that reach the layers; a layer writing an observed width writes its new value
+        # (so a ShuffleNet branch fed half the channels gives back exactly half).
+        self.observed: dict[int, int] = {w: spec.width for w in spec.block_widths}
 
     def run_node(self, n: torch.fx.Node) -> Any:
         self.node = n
@@ -273,7 +281,11 @@ class _Reinstantiate(torch.fx.Interpreter):
         dim = layer_channel_dim(mod)
         x = args[0]
         in_w = x.shape[dim] if dim is not None and isinstance(x, torch.Tensor) and x.dim() > 1 else 0
-        new = reinstantiate(mod, in_w, self.spec)
+        src = self.node.args[0] if self.node is not None and self.node.args else None
+        orig = src.meta.get("shape") if isinstance(src, torch.fx.Node) else None
+        if in_w and orig is not None and len(orig) == x.dim():
+            self.observed.setdefault(orig[dim], in_w)
+        new = reinstantiate(mod, in_w, self.spec, lambda w: self.observed.get(w) or self.spec.map_width(w))
         self.new_attrs[target] = new
         return new(*args, **kwargs)
 

@@ -50,9 +50,11 @@ def block_channel_dim(
 ) -> Optional[int]:
     """The channel dimension of a block's entry tensor, as a non-negative index.
 
-    Read off the first layer with a channel rule whose input is the entry tensor
-    itself, or a tensor of the same shape reached through shape-preserving ops.
-    ``None`` when no layer tells (the block is then reported as unsupported).
+    Read off the first layer with a channel rule: its input is the entry tensor
+    itself, a tensor of the same shape, or one that differs from the entry only
+    along the layer's channel dimension (a ``chunk``/``split`` of the channels,
+    as in ShuffleNet units). ``None`` when no layer tells (the block is then
+    reported as unsupported).
     """
     entry_shape = shape_of(entry)
     if entry_shape is None:
@@ -63,8 +65,11 @@ def block_channel_dim(
         dim = layer_channel_dim(modules[node.target])
         if dim is None:
             continue
-        src = node.args[0] if node.args else None
-        if src is entry or (isinstance(src, torch.fx.Node) and shape_of(src) == entry_shape):
-            return dim % len(entry_shape)
+        src = shape_of(node.args[0]) if node.args else None
+        if src is None or len(src) != len(entry_shape):
+            return None
+        dim %= len(entry_shape)
+        if all(a == b for i, (a, b) in enumerate(zip(src, entry_shape)) if i != dim):
+            return dim
         return None
     return None
