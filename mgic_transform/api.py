@@ -46,6 +46,21 @@ def infer_example_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
     )
 
 
+def _graph_inputs(gm: torch.fx.GraphModule, inputs: tuple) -> tuple:
+    """One value per placeholder: the example inputs, then the defaults (concrete_args values) for the rest."""
+    values = list(inputs)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node in placeholders[len(values):]:
+        if node.args:
+            values.append(node.args[0])
+        else:
+            raise InputError(
+                f"the model's forward() takes an argument {node.target!r} that example_inputs does not cover. "
+                f"Hint: pass example_inputs=(x, {node.target}) or fix it with concrete_args={{{node.target!r}: ...}}."
+            )
+    return tuple(values)
+
+
 def _tensors(module: nn.Module) -> list[torch.Tensor]:
     return [*module.parameters(), *module.buffers()]
 
@@ -128,7 +143,7 @@ def mgicify(
     work = copy_structure(model)
     gm = trace(work, leaf_modules=leaf_modules, concrete_args=concrete_args)
     gm.graph.eliminate_dead_code()
-    propagate_shapes(gm, inputs)
+    propagate_shapes(gm, _graph_inputs(gm, inputs))
     regions = find_blocks(gm, transitions=transitions)
     decisions = rewrite_blocks(gm, regions, group_size=group_size, coarsest_width=coarsest_width, skip=skip,
                                transitions=transitions)

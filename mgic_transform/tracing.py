@@ -11,6 +11,7 @@ module a leaf (``leaf_modules=``) or fix the offending argument
 from __future__ import annotations
 
 import fnmatch
+import re
 import traceback
 from typing import Any, Iterable, Optional, Union
 
@@ -41,6 +42,7 @@ class LeafTracer(torch.fx.Tracer):
         self._leaf_types = tuple(s for s in specs if isinstance(s, type))
         self._leaf_patterns = tuple(s for s in specs if isinstance(s, str))
         self._current_module: list[str] = []
+        self.failed_in: Optional[str] = None  # innermost module whose forward raised
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self._leaf_types and isinstance(m, self._leaf_types):
@@ -53,13 +55,12 @@ class LeafTracer(torch.fx.Tracer):
         self._current_module.append(self.path_of_module(m) if m is not self.root else "")
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self._current_module[-1]
+            raise
         finally:
             self._current_module.pop()
-
-    @property
-    def current_module(self) -> str:
-        """Path of the module being traced when an error happened (``""`` for the root)."""
-        return self._current_module[-1] if self._current_module else ""
 
 
 def _user_frame(exc: BaseException) -> Optional[traceback.FrameSummary]:
@@ -86,7 +87,7 @@ def trace(
     except Exception as exc:  # fx raises many types (TraceError, TypeError, RuntimeError ...)
         frame = _user_frame(exc)
         where = f"{frame.filename}:{frame.lineno} `{(frame.line or '').strip()}`" if frame else "unknown line"
-        inside = tracer.current_module
+        inside = tracer.failed_in or ""
         module_hint = (
             f"mark the module {inside!r} (or its class {type(model.get_submodule(inside)).__name__}) as a leaf "
             f"with leaf_modules=[...]"
@@ -99,6 +100,16 @@ def trace(
             f"{f', inside module {inside!r}' if inside else ''}). "
             f"Hint: {module_hint}, or fix the Python-level arguments with concrete_args={{...}}."
         ) from exc
+    if concrete_args:
+        # Calling the result without the fixed arguments must use the values it was specialised to.
+        # fx may rename the placeholder (``flag`` -> ``flag_1``) and guards it with an _assert.
+        for node in graph.nodes:
+            if node.op != "placeholder":
+                continue
+            name = next((k for k in concrete_args if re.fullmatch(rf"{re.escape(k)}(_\d+)?", str(node.target))), None)
+            value = concrete_args.get(name) if name else None
+            if name and not isinstance(value, (torch.Tensor, torch.fx.Node)):
+                node.args = (value,)
     name = type(model).__name__
     gm = torch.fx.GraphModule(tracer.root, graph, name)
     return gm

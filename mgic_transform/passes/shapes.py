@@ -49,7 +49,7 @@ def run_meta(gm: torch.fx.GraphModule, inputs: Sequence[Any], *, shadow: nn.Modu
     shadow.eval()
     meta_inputs = [t.to("meta") if isinstance(t, torch.Tensor) else t for t in inputs]
     try:
-        interp = _FakeShapeProp(shadow, annotate=dict(zip(shadow.graph.nodes, gm.graph.nodes)))
+        interp = _FakeShapeProp(shadow, annotate=dict(zip(shadow.graph.nodes, gm.graph.nodes)), real_root=gm)
         return interp.run(*meta_inputs)
     except _NodeFailure as failure:
         if "meta" not in str(failure.exc) and "device" not in str(failure.exc):
@@ -58,17 +58,47 @@ def run_meta(gm: torch.fx.GraphModule, inputs: Sequence[Any], *, shadow: nn.Modu
 
 
 class _FakeShapeProp(torch.fx.Interpreter):
-    """Runs the graph and writes each result's shape to ``annotate[node].meta`` (default: the node)."""
+    """Runs the graph and writes each result's shape to ``annotate[node].meta`` (default: the node).
 
-    def __init__(self, module: torch.fx.GraphModule, annotate: dict | None = None) -> None:
+    A leaf module whose ``forward`` depends on tensor *values* (``if x.mean() > 0``:
+    the reason users declare leaf modules) cannot run on meta tensors; with
+    ``real_root`` given, such a module alone runs for real on random inputs of
+    the right shape, and the result's shape is carried on.
+    """
+
+    def __init__(self, module: torch.fx.GraphModule, annotate: dict | None = None,
+                 real_root: nn.Module | None = None) -> None:
         super().__init__(module)
         self.annotate = annotate or {}
+        self.real_root = real_root
 
     def run_node(self, n: torch.fx.Node) -> Any:
         try:
             result = super().run_node(n)
         except Exception as exc:
-            raise _NodeFailure(self.annotate.get(n, n), exc) from exc
+            result = self._run_for_real(n, exc)
+            if result is None:
+                raise _NodeFailure(self.annotate.get(n, n), exc) from exc
+        return self._record(n, result)
+
+    def _run_for_real(self, n: torch.fx.Node, exc: Exception) -> Any:
+        if self.real_root is None or n.op != "call_module" or "data-dependent" not in str(exc).lower() and \
+                "_local_scalar_dense" not in str(exc) and "meta" not in str(exc).lower():
+            return None
+        gen = torch.Generator().manual_seed(0)
+
+        def real(a: Any) -> Any:
+            if isinstance(a, torch.Tensor) and a.device.type == "meta":
+                return torch.randn(a.shape, generator=gen).to(a.dtype) if a.is_floating_point() else torch.zeros(a.shape, dtype=a.dtype)
+            return a
+
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        module = copy_structure(self.real_root.get_submodule(n.target)).eval()
+        with torch.no_grad():
+            out = module(*torch.fx.node.map_aggregate(args, real), **torch.fx.node.map_aggregate(kwargs, real))
+        return torch.fx.node.map_aggregate(out, lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t)
+
+    def _record(self, n: torch.fx.Node, result: Any) -> Any:
         target = self.annotate.get(n, n)
         target.meta["shape"] = result.shape if isinstance(result, torch.Tensor) else None
         target.meta["dtype"] = result.dtype if isinstance(result, torch.Tensor) else None
