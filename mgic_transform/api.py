@@ -12,6 +12,7 @@ from torch import nn
 
 from ._modcopy import copy_structure
 from .errors import ConfigError, InputError
+from .nn.mgic_block import MGICBlock
 from .passes.blocks import find_blocks
 from .passes.rewrite import rewrite_blocks
 from .passes.shapes import propagate_shapes
@@ -46,6 +47,42 @@ def infer_example_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
     )
 
 
+_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _normalise_skip(skip: Any) -> tuple[str, ...]:
+    if skip is None:
+        return ()
+    if isinstance(skip, str):
+        return (skip,)
+    try:
+        patterns = tuple(skip)
+    except TypeError:
+        patterns = None
+    if patterns is None or not all(isinstance(p, str) for p in patterns):
+        raise ConfigError(f"skip must be glob patterns over module paths, got {skip!r}. Hint: skip=[\"layer4.*\"].")
+    return patterns
+
+
+def _drop_unreferenced_tensors(gm: torch.fx.GraphModule) -> None:
+    """Delete parameters/buffers that only a rewritten block read (e.g. a root-level layer-scale).
+
+    ``delete_all_unused_submodules`` removes modules, not tensors held by modules
+    that survive; left behind they would never get a gradient (and break DDP).
+    Tensors of modules the graph calls are theirs to use and are kept.
+    """
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for path, module in gm.named_modules():
+        if path in called or any(path.startswith(c + ".") for c in called):
+            continue
+        for name in [*module._parameters, *module._buffers]:
+            full = f"{path}.{name}" if path else name
+            if full not in read:
+                module._parameters.pop(name, None)
+                module._buffers.pop(name, None)
+
+
 def _graph_inputs(gm: torch.fx.GraphModule, inputs: tuple) -> tuple:
     """One value per placeholder: the example inputs, then the defaults (concrete_args values) for the rest."""
     values = list(inputs)
@@ -58,6 +95,12 @@ def _graph_inputs(gm: torch.fx.GraphModule, inputs: tuple) -> tuple:
                 f"the model's forward() takes an argument {node.target!r} that example_inputs does not cover. "
                 f"Hint: pass example_inputs=(x, {node.target}) or fix it with concrete_args={{{node.target!r}: ...}}."
             )
+    if len(values) > len(placeholders):
+        names = ", ".join(str(n.target) for n in placeholders)
+        raise InputError(
+            f"the model's forward() takes {len(placeholders)} input(s) ({names}), got {len(values)} example inputs. "
+            f"Hint: pass one tensor per forward() argument."
+        )
     return tuple(values)
 
 
@@ -127,30 +170,34 @@ def mgicify(
         MGICError: on an untraceable model, bad options or unusable example inputs.
     """
     if not isinstance(model, nn.Module):
-        raise InputError(f"mgicify expects an nn.Module, got {type(model).__name__}.")
+        hint = (f"pass an instance, e.g. {model.__name__}()" if isinstance(model, type) and issubclass(model, nn.Module)
+                else "pass the model object (an nn.Module instance)")
+        raise InputError(f"mgicify expects an nn.Module, got {type(model).__name__}. Hint: {hint}.")
     group_size = _check_positive_int("group_size", group_size)
     coarsest_width = group_size if coarsest_width is None else _check_positive_int("coarsest_width", coarsest_width)
-    if isinstance(skip, str):
-        skip = (skip,)
-    skip = tuple(skip)
-    if not all(isinstance(p, str) for p in skip):
-        raise ConfigError(f"skip must be glob patterns (strings) over module paths, got {skip!r}.")
-    inputs = infer_example_inputs(model) if example_inputs is None else _normalise_inputs(example_inputs)
+    skip = _normalise_skip(skip)
+    has_layers = any(isinstance(m, _LAYERS) for m in model.modules())
+    if example_inputs is not None:
+        inputs = _normalise_inputs(example_inputs)
+    else:
+        inputs = infer_example_inputs(model) if has_layers else ()
 
     # Work on a copy of the module tree that shares the weights (cheap); the
     # weights the result keeps are copied once at the end, the ones replaced by
     # MGIC blocks never are.
     work = copy_structure(model)
-    gm = trace(work, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    gm = trace(work, leaf_modules=(MGICBlock, *leaf_modules), concrete_args=concrete_args)
     gm.graph.eliminate_dead_code()
-    propagate_shapes(gm, _graph_inputs(gm, inputs))
-    regions = find_blocks(gm, transitions=transitions)
+    if has_layers or inputs:
+        propagate_shapes(gm, _graph_inputs(gm, inputs))
+    regions = find_blocks(gm, transitions=transitions) if has_layers else []
     decisions = rewrite_blocks(gm, regions, group_size=group_size, coarsest_width=coarsest_width, skip=skip,
                                transitions=transitions)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
+    _drop_unreferenced_tensors(gm)
     fresh = {id(t): t for d in decisions if d.module for t in _tensors(gm.get_submodule(d.module))}
     gm = copy.deepcopy(gm, fresh)  # private copies of the kept original weights
     gm.training = model.training
@@ -160,7 +207,7 @@ def mgicify(
         warnings.warn(f"skip pattern(s) {unused} matched no block; module paths look like "
                       f"{[d.path for d in decisions[:3]]}", UserWarning, stacklevel=2)
     notes = []
-    if not any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) for m in model.modules()):
+    if not has_layers:
         notes.append("the model has no Conv or Linear layer: nothing to rewrite")
     elif not decisions:
         notes.append("no equal-width block with a channel-mixing layer was found")

@@ -25,9 +25,12 @@ get_attr tensors        every dimension whose size is a block width is resized b
                         cycling the original values (layer-scale, per-channel biases)
 ======================  ==============================================================
 
-``w`` maps an original width to the level's width: the block's own width(s) go to
-``c_j``; every inner width ``w`` becomes ``round(w * c_j / c / G) * G`` (at least
-``G``), so every inner width stays divisible by the group count. Every new layer
+``w`` maps an original width to the level's width: the block's own width goes to
+``c_j``; a width already seen on a tensor reaching a layer maps to what reached it
+at this level (a ShuffleNet branch fed half the channels gives back half); width 1
+(an attention logit) stays 1; every other inner width ``w`` becomes
+``round(w * c_j / c / G) * G`` (at least ``G``), so it stays divisible by the
+group count. Every new layer
 is freshly initialised with the layer's own ``reset_parameters``.
 
 The replay runs on the meta device: layers are created storage-less, and only
@@ -68,6 +71,8 @@ class LevelSpec:
     def map_width(self, w: int) -> int:
         if w in self.block_widths:
             return self.width
+        if w == 1:  # a broadcast width (attention logit, gate): stays 1
+            return 1
         g = self.groups
         return max(1, round(w * self.width / self.reference_width / g)) * g
 
@@ -176,7 +181,7 @@ def _nearest_divisor(n: int, target: float) -> int:
 
 def _conv(mod: nn.Conv2d, in_w: int, spec: LevelSpec, width_of: Callable[[int], int]) -> nn.Module:
     k = tuple(mod.kernel_size)
-    if mod.groups == mod.in_channels:  # depthwise (possibly with a channel multiplier)
+    if mod.groups == mod.in_channels > 1:  # depthwise (possibly with a channel multiplier)
         groups = in_w
         out_w = in_w * (mod.out_channels // mod.in_channels)
     else:
@@ -214,7 +219,7 @@ def _norm(mod: nn.Module, in_w: int, spec: LevelSpec, width_of: Callable[[int], 
 
 def _prelu(mod: nn.PReLU, in_w: int, spec: LevelSpec, width_of: Callable[[int], int]) -> nn.Module:
     if mod.num_parameters == 1:
-        return copy.deepcopy(mod)
+        return _fresh_like(mod, {})
     return _fresh_like(mod, {"weight": (in_w,)}, num_parameters=in_w)
 
 

@@ -28,6 +28,8 @@ def layer_channel_dim(module: nn.Module) -> Optional[int]:
     """The input dimension a layer treats as channels: 1 (NC...), -1 (channels-last), or ``None``."""
     if isinstance(module, CONV_TYPES) or isinstance(module, NORM_TYPES):
         return 1
+    if isinstance(module, nn.PReLU):
+        return 1 if module.num_parameters > 1 else None
     if isinstance(module, nn.Linear):
         return -1
     if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:

@@ -130,11 +130,14 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) ->
     try:
         run_meta(gm, example_inputs)
     except _NodeFailure as failure:
-        shapes = ", ".join(str(tuple(t.shape)) for t in example_inputs if isinstance(t, torch.Tensor))
+        shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+                           for t in example_inputs if isinstance(t, torch.Tensor))
+        params = {str(p.dtype).replace("torch.", "") for p in gm.parameters()}
         raise InputError(
-            f"the model rejects example inputs of shape {shapes}: node {failure.node.name!r} "
+            f"the model rejects example inputs {shapes}: node {failure.node.name!r} "
             f"({failure.node.op} {failure.node.target}) failed with: {str(failure.exc).splitlines()[0]}. "
-            f"Hint: pass example_inputs with the shape the model expects (CLI: --input-shape)."
+            f"Hint: pass example_inputs with the shape and dtype the model expects (its parameters are "
+            f"{'/'.join(sorted(params)) or 'absent'}; CLI: --input-shape)."
         ) from failure.exc
 
 
