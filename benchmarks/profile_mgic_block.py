@@ -1,0 +1,246 @@
+"""Where does an MGICBlock spend its CPU time? (issue 5.4) ResNet-50, s_g=32, s_c=64.
+
+Three views, all in eval mode under ``torch.inference_mode()`` on one batch
+(default 8x3x224x224), every MGICBlock run on the exact input it sees inside the
+transformed network:
+
+1. **per block**: median time of each MGICBlock vs the original bottleneck it
+   replaced (same input), interleaved;
+2. **per part**: the blocks run through an instrumented copy of
+   ``MGICBlock.forward`` (same math, with ``record_function`` labels) and the
+   profiler's time is summed per part: restriction R, fine grouped levels,
+   coarsest level, coarse-grid residual ``y - R x``, prolongation P, norm N,
+   correction add;
+3. **per op**: ``torch.profiler`` key_averages over all MGICBlocks, by self CPU time.
+
+With ``--prototype`` it also times :class:`FastMGICBlock` (``fast_mgic_block.py``
+beside this file), a benchmark-only re-implementation with the same math, on
+every block and on the whole network.
+
+Usage::
+
+    python benchmarks/profile_mgic_block.py              # batch 8, NCHW
+    python benchmarks/profile_mgic_block.py --channels-last --prototype
+    python benchmarks/profile_mgic_block.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torchvision
+from torch import nn
+from torch.profiler import ProfilerActivity, profile, record_function
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import code_version, load_line, machine_line, median  # noqa: E402
+
+import mgic_transform as mt  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def instrumented_forward(block: mt.MGICBlock, x: torch.Tensor) -> torch.Tensor:
+    """``MGICBlock.forward`` with a profiler label around every part (same math, same order)."""
+    if block.connector is not None:
+        with record_function("part: connector"):
+            x = block.connector(x)
+    xs = [x]
+    for restrict in block.restrict:
+        with record_function("part: restrict R"):
+            xs.append(restrict(xs[-1]))
+    with record_function("part: coarsest level (ungrouped)"):
+        y = block.levels[-1](xs[-1])
+    for j in range(len(block.restrict) - 1, -1, -1):
+        restricted = xs.pop()
+        with record_function("part: residual y - Rx"):
+            r = y - restricted
+        with record_function("part: prolong P"):
+            r = block.prolong[j](r)
+        with record_function("part: norm N"):
+            r = block.norms[j](r)
+        with record_function("part: correction add"):
+            y = xs[-1] + r
+        with record_function("part: fine level (grouped)"):
+            y = block.levels[j](y)
+    return y
+
+
+def block_inputs(gm: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input every MGICBlock of ``gm`` receives when ``gm(x)`` runs."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.__setitem__(name, args[0].clone()))
+             for name, m in gm.named_modules() if isinstance(m, mt.MGICBlock)]
+    with torch.inference_mode():
+        gm(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def timeit(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 2) -> dict[str, float]:
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for f in fns.values():
+                f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    keys = list(fns)
+    for r in range(rounds):
+        for k in (keys if r % 2 == 0 else keys[::-1]):
+            t0 = time.perf_counter()
+            f = fns[k]
+            with torch.inference_mode():
+                f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: median(v) for k, v in times.items()}
+
+
+def part_table(blocks: dict[str, mt.MGICBlock], inputs: dict[str, torch.Tensor], reps: int) -> list[str]:
+    with torch.inference_mode():
+        for name, b in blocks.items():
+            instrumented_forward(b, inputs[name])  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(reps):
+                for name, b in blocks.items():
+                    instrumented_forward(b, inputs[name])
+    parts: dict[str, float] = defaultdict(float)
+    for e in prof.key_averages():
+        if e.key.startswith("part: "):
+            parts[e.key[6:]] += e.cpu_time_total / reps / 1e3  # ms per network pass
+    total = sum(parts.values())
+    return [f"| {k} | {v:.1f} | {100 * v / total:.1f}% |" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])] + \
+           [f"| **all MGIC blocks** | {total:.1f} | 100% |"]
+
+
+def op_table(blocks: dict[str, mt.MGICBlock], inputs: dict[str, torch.Tensor], reps: int, top: int) -> list[str]:
+    with torch.inference_mode():
+        for name, b in blocks.items():
+            b(inputs[name])
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+            for _ in range(reps):
+                for name, b in blocks.items():
+                    b(inputs[name])
+    evs = [e for e in prof.key_averages() if not e.key.startswith("part: ")]
+    total = sum(e.self_cpu_time_total for e in evs)
+    rows = []
+    for e in sorted(evs, key=lambda e: -e.self_cpu_time_total)[:top]:
+        rows.append(f"| {e.key} | {e.count // reps} | {e.self_cpu_time_total / reps / 1e3:.1f} | "
+                    f"{100 * e.self_cpu_time_total / total:.1f}% |")
+    return rows
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds per block (default 7, --quick 2)")
+    p.add_argument("--prototype", action="store_true", help="also time FastMGICBlock (benchmarks/fast_mgic_block.py)")
+    p.add_argument("--quick", action="store_true", help="batch 2, 2 rounds")
+    p.add_argument("--write", action="store_true", help="write benchmarks/results/profile_mgic_block[_channels_last].md")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch = min(args.batch, 2)
+    rounds = args.rounds or (2 if args.quick else 7)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    started = load_line()
+    print(f"# {machine_line()}; {started}", file=sys.stderr)
+
+    torch.manual_seed(0)
+    orig = torchvision.models.resnet50(weights=None).eval()
+    gm = mt.mgicify(orig, torch.zeros(1, 3, 224, 224), group_size=32, coarsest_width=64).eval()
+    orig.to(memory_format=fmt)
+    gm.to(memory_format=fmt)
+    x = torch.randn(args.batch, 3, 224, 224).contiguous(memory_format=fmt)
+    inputs = block_inputs(gm, x)
+    blocks = {n: m for n, m in gm.named_modules() if isinstance(m, mt.MGICBlock)}
+
+    fast = {}
+    if args.prototype:
+        from fast_mgic_block import FastMGICBlock
+
+        fast = {n: FastMGICBlock.from_block(b).eval() for n, b in blocks.items()}
+        with torch.inference_mode():
+            for n, b in blocks.items():
+                ref, got = b(inputs[n]), fast[n](inputs[n])
+                err = (ref - got).abs().max().item() / ref.abs().max().item()
+                assert err < 1e-4, f"FastMGICBlock differs from MGICBlock at {n}: rel. err {err:.2e}"
+
+    rows = []
+    totals: dict[str, float] = defaultdict(float)
+    for n, b in blocks.items():
+        xin = inputs[n]
+        fns = {"orig": lambda ob=orig.get_submodule(n), xin=xin: ob(xin), "mgic": lambda b=b, xin=xin: b(xin)}
+        if fast:
+            fns["fast"] = lambda fb=fast[n], xin=xin: fb(xin)
+        t = timeit(fns, rounds)
+        for k, v in t.items():
+            totals[k] += v
+        lv = "/".join(str(lvl) for lvl in gm.meta["mgic"].rewritten[[d.module for d in gm.meta["mgic"].rewritten].index(n)].levels)
+        row = f"| {n} | {tuple(xin.shape[1:])} | {lv} | {1e3 * t['orig']:.2f} | {1e3 * t['mgic']:.2f} | {t['mgic'] / t['orig']:.2f} |"
+        if fast:
+            row += f" {1e3 * t['fast']:.2f} | {t['fast'] / t['orig']:.2f} | {t['fast'] / t['mgic']:.2f} |"
+        rows.append(row)
+        print(row, file=sys.stderr, flush=True)
+    tot = f"| **sum** | | | {1e3 * totals['orig']:.1f} | {1e3 * totals['mgic']:.1f} | {totals['mgic'] / totals['orig']:.2f} |"
+    if fast:
+        tot += f" {1e3 * totals['fast']:.1f} | {totals['fast'] / totals['orig']:.2f} | {totals['fast'] / totals['mgic']:.2f} |"
+    rows.append(tot)
+
+    net_rows = []
+    if fast:
+        import copy
+
+        gm_fast = copy.deepcopy(gm)
+        for n, fb in fast.items():
+            gm_fast.set_submodule(n, copy.deepcopy(fb)) if hasattr(gm_fast, "set_submodule") else None
+        t = timeit({"orig": lambda: orig(x), "mgic": lambda: gm(x), "fast": lambda: gm_fast(x)}, rounds)
+        net_rows.append(f"| whole network, batch {args.batch} | {1e3 * t['orig']:.1f} | {1e3 * t['mgic']:.1f} | "
+                        f"{1e3 * t['fast']:.1f} | {t['mgic'] / t['orig']:.2f} | {t['fast'] / t['orig']:.2f} |")
+
+    reps = 1 if args.quick else 3
+    parts = part_table(blocks, inputs, reps)
+    ops = op_table(blocks, inputs, reps, top=15)
+
+    out = [
+        "# MGICBlock CPU profile: ResNet-50, s_g=32, s_c=64",
+        "",
+        f"- machine: {machine_line()}",
+        f"- code: {code_version()}",
+        f"- load: {started} at start, {load_line()} at end",
+        f"- batch {args.batch}x3x224x224, eval, inference_mode, "
+        f"{'channels_last' if args.channels_last else 'NCHW (contiguous)'}; block times are medians of {rounds} "
+        "interleaved rounds on the block's real input",
+        "",
+        "## Per block",
+        "",
+        "| block | input (C, H, W) | level widths | original ms | MGIC ms | MGIC / orig |"
+        + (" fast ms | fast / orig | fast / MGIC |" if fast else ""),
+        "|---|---|---|--:|--:|--:|" + ("--:|--:|--:|" if fast else ""),
+        *rows,
+    ]
+    if net_rows:
+        out += ["", "| network | original ms | MGIC ms | fast MGIC ms | MGIC / orig | fast / orig |",
+                "|---|--:|--:|--:|--:|--:|", *net_rows]
+    out += ["", "## Per part (all 12 MGIC blocks, one network pass; profiler time, so slightly inflated)", "",
+            "| part | ms | share |", "|---|--:|--:|", *parts,
+            "", "## Per op (all 12 MGIC blocks, one network pass, by self CPU time)", "",
+            "| op | calls | self ms | share |", "|---|--:|--:|--:|", *ops]
+    md = "\n".join(out) + "\n"
+    print(md)
+    if args.write:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path = RESULTS / ("profile_mgic_block_channels_last.md" if args.channels_last else "profile_mgic_block.md")
+        path.write_text(md)
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
