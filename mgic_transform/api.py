@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import warnings
 from typing import Any, Iterable, Optional, Sequence, Union
 
@@ -10,7 +9,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from ._modcopy import copy_structure
+from ._modcopy import copy_structure, own_tensors
 from .errors import ConfigError, InputError
 from .nn.mgic_block import MGICBlock
 from .passes.blocks import find_blocks
@@ -104,10 +103,6 @@ def _graph_inputs(gm: torch.fx.GraphModule, inputs: tuple) -> tuple:
     return tuple(values)
 
 
-def _tensors(module: nn.Module) -> list[torch.Tensor]:
-    return [*module.parameters(), *module.buffers()]
-
-
 def _check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}. Hint: e.g. {name}=32.")
@@ -198,8 +193,7 @@ def mgicify(
     gm.recompile()
     gm.delete_all_unused_submodules()
     _drop_unreferenced_tensors(gm)
-    fresh = {id(t): t for d in decisions if d.module for t in _tensors(gm.get_submodule(d.module))}
-    gm = copy.deepcopy(gm, fresh)  # private copies of the kept original weights
+    own_tensors(gm, keep=lambda m: isinstance(m, MGICBlock))  # private copies of the kept original weights
     gm.training = model.training
 
     unused = [p for p in skip if not any(f"pattern {p!r}" in (d.reason or "") for d in decisions)]

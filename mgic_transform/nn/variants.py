@@ -39,8 +39,8 @@ a variant that maps its input shape to itself is allocated and initialised.
 
 from __future__ import annotations
 
-import copy
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -48,6 +48,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from .._modcopy import copy_structure
 from ..passes.channels import CONV_TYPES, layer_channel_dim
 from .transfer import GroupedLinear
 
@@ -146,28 +147,28 @@ def _fetch(module: nn.Module, target: str) -> Any:
 def _fresh_like(mod: nn.Module, shapes: dict[str, tuple[int, ...]], **attrs: Any) -> nn.Module:
     """A copy of ``mod`` with new attributes and *meta-device* parameters/buffers of new shapes.
 
-    Nothing is initialised here: :func:`_materialize` allocates and calls
+    Nothing is initialised here: :func:`_instantiate` allocates and calls
     ``reset_parameters`` once the variant has been validated. The original
     parameters are never copied (they are about to be replaced).
     """
-    memo = {id(t): t for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False))}
-    new = copy.deepcopy(mod, memo)
+    new = copy_structure(mod, lambda t: torch.empty(shapes.get(_name_of(mod, t), tuple(t.shape)),
+                                                    dtype=t.dtype, device="meta"))
     for k, v in attrs.items():
         setattr(new, k, v)
-    for name, p in list(new._parameters.items()):
-        if p is not None:
-            shape = shapes.get(name, tuple(p.shape))
-            new._parameters[name] = nn.Parameter(torch.empty(shape, dtype=p.dtype, device="meta"),
-                                                 requires_grad=p.requires_grad)
-    for name, b in list(new._buffers.items()):
-        if b is not None:
-            new._buffers[name] = torch.empty(shapes.get(name, tuple(b.shape)), dtype=b.dtype, device="meta")
     return new
 
 
-def _materialize(module: nn.Module, device: torch.device) -> nn.Module:
-    """Allocate a meta-device layer on ``device`` and initialise it with its own ``reset_parameters``."""
-    module.to_empty(device=device)
+def _name_of(mod: nn.Module, t: torch.Tensor) -> str:
+    for registry in (mod._parameters, mod._buffers):
+        for k, v in registry.items():
+            if v is t:
+                return k
+    return ""
+
+
+def _instantiate(template: nn.Module, device: torch.device) -> nn.Module:
+    """A new layer from a meta-device template: allocated on ``device``, initialised by ``reset_parameters``."""
+    module = copy_structure(template, lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
     for m in module.modules():
         if hasattr(m, "reset_parameters") and (m._parameters or m._buffers):
             m.reset_parameters()
@@ -247,7 +248,7 @@ def reinstantiate(mod: nn.Module, in_w: int, spec: LevelSpec,
         return nn.Identity()  # the connector does the spatial downsampling of a transition
     if any(True for _ in mod.parameters()) or any(True for _ in mod.buffers()):
         raise VariantError(f"unsupported layer {type(mod).__name__} (has weights, no resize rule)")
-    return copy.deepcopy(mod)
+    return copy_structure(mod)
 
 
 def _as_tuple(v: Any) -> tuple:
@@ -306,7 +307,10 @@ class _Reinstantiate(torch.fx.Interpreter):
 
 @dataclass
 class _Recipe:
-    """What one replay learned: the level's new layers (meta-device templates) and resized tensors."""
+    """What one replay learned: the level's new layers (meta-device templates) and resized tensors.
+
+    Weightless modules that the level keeps as they are are not in ``modules``.
+    """
 
     modules: dict[str, nn.Module]
     tensors: tuple[str, ...]
@@ -327,21 +331,42 @@ def _replay(block: torch.fx.GraphModule, spec: LevelSpec, shape: list[int], widt
     if not isinstance(out, torch.Tensor) or list(out.shape) != shape:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise VariantError(f"at width {spec.width} the block maps {tuple(shape)} to {got}, not to itself")
-    modules = {k: v for k, v in interp.new_attrs.items() if isinstance(v, nn.Module)}
+    modules = {k: v for k, v in interp.new_attrs.items()
+               if isinstance(v, nn.Module) and (_has_state(v) or type(v) is not type(block.get_submodule(k)))}
     tensors = tuple(k for k, v in interp.new_attrs.items() if not isinstance(v, nn.Module))
     return _Recipe(modules, tensors)
 
 
+def _has_state(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+
+
+_FLOAT = re.compile(r"\d+\.\d*(?:e[-+]?\d+)?|\d+e[-+]?\d+")
+
+
 def _signature(block: torch.fx.GraphModule) -> tuple:
-    """Everything a replay depends on: the code, every layer's configuration, every constant's shape."""
-    layers = tuple((n.target, repr(block.get_submodule(n.target)), block.get_submodule(n.target).training)
-                   for n in block.graph.nodes if n.op == "call_module")
+    """Everything a replay depends on: the code, every layer's configuration, every constant's shape.
+
+    Layers with weights must match exactly (their templates carry eps, momentum ...).
+    Weightless modules are taken from each block itself, so only their integer
+    configuration matters: ``StochasticDepth(p=0.1)`` and ``(p=0.2)`` replay alike.
+    """
+    layers = []
+    for n in block.graph.nodes:
+        if n.op == "call_module":
+            m = block.get_submodule(n.target)
+            layers.append((n.target, repr(m) if _has_state(m) else _FLOAT.sub("#", repr(m)), m.training))
     consts = []
     for n in block.graph.nodes:
         if n.op == "get_attr":
             v = _fetch(block, n.target)
             consts.append((n.target, tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else (n.target, repr(v)))
-    return block.code, layers, tuple(consts)
+    index = {n: i for i, n in enumerate(block.graph.nodes)}
+    ops = tuple(
+        (n.op, str(n.target), _FLOAT.sub("#", repr(torch.fx.node.map_arg((n.args, n.kwargs), lambda a: f"%{index[a]}"))))
+        for n in block.graph.nodes
+    )  # the graph up to node names and float constants (the variant reuses this block's own graph)
+    return ops, tuple(layers), tuple(consts)
 
 
 class VariantFactory:
@@ -379,7 +404,10 @@ class VariantFactory:
             self._recipes[key] = recipe
         if isinstance(recipe, VariantError):
             raise VariantError(str(recipe))
-        attrs: dict[str, Any] = {k: _materialize(copy.deepcopy(m), torch.device(device)) for k, m in recipe.modules.items()}
+        attrs: dict[str, Any] = {
+            n.target: copy_structure(block.get_submodule(n.target)) for n in block.graph.nodes if n.op == "call_module"
+        }  # weightless modules of this very block (its own dropout rates ...)
+        attrs.update({k: _instantiate(m, torch.device(device)) for k, m in recipe.modules.items()})
         for target in recipe.tensors:
             attrs[target] = _resize_tensor(_fetch(block, target), spec, widths)
         graph = torch.fx.Graph()
