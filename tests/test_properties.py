@@ -498,3 +498,40 @@ def test_regression_mgicify_is_idempotent():
     gm2 = mt.mgicify(gm, x, group_size=4, coarsest_width=6)
     assert not gm2.meta["mgic"].rewritten, [d.path for d in gm2.meta["mgic"].rewritten]
     assert _n_params(gm2) == _n_params(gm)
+
+
+def _cbr(i, o):
+    return nn.Sequential(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU())
+
+
+class MiniUNet(nn.Module):
+    """One U-Net level: the skip ``cat([a, up(mid(down(pool(a))))])`` encloses two equal-width layers."""
+
+    def __init__(self, skip=True, c=16):
+        super().__init__()
+        self.skip = skip
+        self.enc = _cbr(3, c)
+        self.down = _cbr(c, 2 * c)
+        self.mid = nn.Sequential(_cbr(2 * c, 2 * c), _cbr(2 * c, 2 * c))
+        self.up = nn.ConvTranspose2d(2 * c, c, 2, stride=2)
+        self.dec = nn.Conv2d(2 * c if skip else c, 2, 1)
+
+    def forward(self, x):
+        a = self.enc(x)
+        u = self.up(self.mid(self.down(F.max_pool2d(a, 2))))
+        return self.dec(torch.cat([a, u], 1) if self.skip else u)
+
+
+def test_unet_without_skip_rewrites_the_inner_layers():
+    """The control for B14."""
+    torch.manual_seed(0)
+    gm = check_transform(MiniUNet(skip=False), torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=8)
+    assert [d.path for d in gm.meta["mgic"].rewritten] == ["mid.0.0", "mid.1.0"]
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="B14: nodes of a declined fork/join unit are never searched for inner blocks")
+def test_regression_unet_skip_does_not_hide_the_inner_layers():
+    torch.manual_seed(0)
+    gm = check_transform(MiniUNet(skip=True), torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=8)
+    assert {"mid.0.0", "mid.1.0"} <= {d.path for d in gm.meta["mgic"].rewritten}, gm.meta["mgic"].blocks
