@@ -82,6 +82,18 @@ def _drop_unreferenced_tensors(gm: torch.fx.GraphModule) -> None:
                 module._buffers.pop(name, None)
 
 
+def _copy_training_flags(model: nn.Module, gm: torch.fx.GraphModule) -> None:
+    """Every module of the result takes the ``training`` flag of the input model's module at its path.
+
+    Containers ``torch.fx`` creates for module paths start in train mode; a
+    frozen BatchNorm inside a training model keeps its own flag.
+    """
+    original = dict(model.named_modules())
+    for path, module in gm.named_modules():
+        if path in original:
+            module.training = original[path].training
+
+
 def _graph_inputs(gm: torch.fx.GraphModule, inputs: tuple) -> tuple:
     """One value per placeholder: the example inputs, then the defaults (concrete_args values) for the rest."""
     values = list(inputs)
@@ -194,7 +206,7 @@ def mgicify(
     gm.delete_all_unused_submodules()
     _drop_unreferenced_tensors(gm)
     own_tensors(gm, keep=lambda m: isinstance(m, MGICBlock))  # private copies of the kept original weights
-    gm.training = model.training
+    _copy_training_flags(model, gm)
 
     unused = [p for p in skip if not any(f"pattern {p!r}" in (d.reason or "") for d in decisions)]
     if unused:
