@@ -17,8 +17,9 @@ read the breakdown as shares, not as absolute times.
 
 Usage::
 
-    python benchmarks/transform_time.py                 # 250, 500, 1000 blocks, 3 repeats, profile
-    python benchmarks/transform_time.py --quick         # 25, 50, 100 blocks, 1 repeat
+    python benchmarks/transform_time.py                 # 250, 500, 1000 blocks, 1 run each, profile 250
+    python benchmarks/transform_time.py --repeats 3 --profile-depths 250 1000 --write   # the committed table
+    python benchmarks/transform_time.py --quick         # 25, 50, 100 blocks
     python benchmarks/transform_time.py --depths 100 200 400 800 --width 32
 """
 
@@ -114,6 +115,8 @@ def profile_breakdown(model: nn.Module, x: torch.Tensor, args: argparse.Namespac
             for sub, sct, snc in callees(stats, func)[:top]:
                 if sct < 0.02 * total:
                     break
+                if sct > ct:  # recursive functions (deepcopy) count their own nested calls again
+                    continue
                 lines.append(f"| &nbsp;&nbsp;└ {_label(sub)} | {snc} | {sct:.2f} | {100 * sct / total:.1f}% |")
     return wall, lines
 
@@ -124,13 +127,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--group-size", type=int, default=32)
     p.add_argument("--coarsest-width", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per depth (default 3; --quick 1)")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per depth, interleaved (default 1: the "
+                   "1000-block net alone takes ~2 minutes; use 3 for a median)")
     p.add_argument("--quick", action="store_true", help="depths 25 50 100, one repeat")
     p.add_argument("--no-profile", action="store_true", help="skip the cProfile breakdown")
+    p.add_argument("--profile-depths", type=int, nargs="+", default=None,
+                   help="depths to profile (default: the smallest; must be among --depths)")
     p.add_argument("--write", action="store_true", help="also write benchmarks/results/transform_time.md")
     args = p.parse_args(argv)
     depths = args.depths or ([25, 50, 100] if args.quick else [250, 500, 1000])
-    repeats = args.repeats or (1 if args.quick else 3)
+    repeats = args.repeats
 
     x = torch.zeros(1, 3, 32, 32)
     started = load_line()
@@ -139,6 +145,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     for d in depths:
         torch.manual_seed(0)
         models[d] = DeepResNet(d, args.width)
+    # one-time costs (lazy imports, fake-tensor and dispatcher caches) fall on the first call: pay them untimed
+    transform(DeepResNet(10, args.width), x, args)
     times: dict[int, list[float]] = {d: [] for d in depths}
     blocks: dict[int, tuple[int, int]] = {}
     for r in range(repeats):  # interleaved: repeat r of every depth before repeat r+1 of any
@@ -160,7 +168,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"- machine: {machine_line()}",
         f"- code: {code_version()}",
         f"- load: {started} at start, {load_line()} at end",
-        f"- seconds: median of {repeats} interleaved runs of `mgicify()` (model construction excluded)",
+        f"- seconds: median of {repeats} interleaved runs of `mgicify()` (model construction excluded; "
+        "one untimed warm-up call on a 10-block net first)",
         "",
         "| residual blocks | rewritten / candidates | seconds (median) | all runs | ms per block | ratio to previous depth |",
         "|--:|--:|--:|---|--:|--:|",
@@ -173,7 +182,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                    f"{1000 * med / d:.1f} | {ratio} |")
         prev = (d, med)
     if not args.no_profile:
-        for d in (depths[0], depths[-1]) if len(depths) > 1 else depths:
+        for d in args.profile_depths or depths[:1]:
             wall, lines = profile_breakdown(models[d], x, args)
             out += ["", f"## Where the time goes: {d} blocks (cProfile, one run, {wall:.2f} s under the profiler)", "",
                     "| function (direct callees of mgicify; └ = their heaviest callees) | calls | cumulative s | share |",
