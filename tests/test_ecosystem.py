@@ -275,8 +275,7 @@ def test_per_module_flags_outside_rewritten_blocks_are_kept():
     assert [n for n, m in gm.named_modules() if not m.training] == ["stem.1"]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="B13: containers created by torch.fx for module paths start in train mode")
+# regression B13 (fixed): containers created by torch.fx for module paths started in train mode
 def test_training_flags_follow_the_input_model_module_by_module():
     torch.manual_seed(0)
     model = Net().eval()

@@ -535,3 +535,97 @@ def test_regression_unet_skip_does_not_hide_the_inner_layers():
     torch.manual_seed(0)
     gm = check_transform(MiniUNet(skip=True), torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=8)
     assert {"mid.0.0", "mid.1.0"} <= {d.path for d in gm.meta["mgic"].rewritten}, gm.meta["mgic"].blocks
+
+
+class Small(nn.Module):
+    """stem conv + one equal-width conv layer (``conv``) + head: the unit of the layer-level regressions."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.head = nn.Linear(c, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.bn(self.conv(x))
+        return self.head(x.mean((2, 3)))
+
+
+_NORMS = {
+    "weight_norm": nn.utils.parametrizations.weight_norm,
+    "spectral_norm": nn.utils.parametrizations.spectral_norm,
+}
+
+
+def test_small_control_is_rewritten():
+    """The control for B17, B18, B20: the plain model is rewritten and passes every property."""
+    torch.manual_seed(0)
+    gm = check_transform(Small(), torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=4)
+    assert [d.path for d in gm.meta["mgic"].rewritten] == ["conv"]
+
+
+# regression B17: weight_norm / spectral_norm layers are re-instantiated with their old-width parametrization
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="B17: parametrized (weight_norm/spectral_norm) convs make the block be declined")
+@pytest.mark.parametrize("norm", sorted(_NORMS))
+def test_regression_weight_norm_conv_block(norm):
+    torch.manual_seed(0)
+    model = Small()
+    model.conv = _NORMS[norm](model.conv)
+    gm = check_transform(model, torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=4)
+    (d,) = gm.meta["mgic"].blocks
+    assert d.rewritten, d.reason
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="B18: fresh layers copy requires_grad=False from the frozen layer they replace")
+def test_regression_frozen_layers_do_not_become_frozen_random_weights():
+    torch.manual_seed(0)
+    model = Small()
+    model.stem.requires_grad_(False)
+    model.conv.requires_grad_(False)
+    gm = mt.mgicify(model, torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=4)
+    assert not gm.get_submodule("stem").weight.requires_grad  # kept layers keep their flag
+    for d in gm.meta["mgic"].rewritten:  # rewritten blocks are new, randomly initialised: all of it must train
+        frozen = [n for n, p in gm.get_submodule(d.module).named_parameters() if not p.requires_grad]
+        assert frozen == [], f"{d.module}: new weights that can never train: {frozen}"
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="B20: hooks run on meta tensors during the analysis and are copied onto every level")
+def test_regression_user_hooks_are_not_run_by_the_analysis_nor_copied_to_new_layers():
+    torch.manual_seed(0)
+    model = Small()
+    calls = []
+    model.stem.register_forward_hook(lambda mod, args, out: calls.append(("stem", out.device.type)))
+    model.conv.register_forward_hook(lambda mod, args, out: calls.append(("conv", out.device.type)))
+    x = torch.randn(2, 3, 8, 8)
+    gm = mt.mgicify(model, x, group_size=4, coarsest_width=4)
+    assert [d.path for d in gm.meta["mgic"].rewritten] == ["conv"]
+    assert calls == [], "mgicify ran the user's hooks"
+    gm(x)
+    assert calls == [("stem", "cpu")]  # the kept layer keeps its hook; the replaced layer is gone
+
+
+def test_hook_that_reads_values_does_not_stop_the_rewrite():
+    """B20, the visible symptom: a statistics hook on a layer inside a block."""
+    torch.manual_seed(0)
+    model = Small()
+    stats = []
+    model.stem.register_forward_hook(lambda mod, args, out: stats.append(out.abs().mean().item()))
+    gm = mt.mgicify(model, torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=4)
+    assert [d.path for d in gm.meta["mgic"].rewritten] == ["conv"]
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="B20: a value-reading hook on a layer inside the block fails on meta tensors")
+def test_regression_hook_inside_the_block_that_reads_values():
+    torch.manual_seed(0)
+    model = Small()
+    stats = []
+    model.conv.register_forward_hook(lambda mod, args, out: stats.append(out.abs().mean().item()))
+    gm = mt.mgicify(model, torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=4)
+    (d,) = gm.meta["mgic"].blocks
+    assert d.rewritten, d.reason
