@@ -265,6 +265,14 @@ def _resize_tensor(t: torch.Tensor, spec: LevelSpec, widths: frozenset[int]) -> 
     return nn.Parameter(out, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else out
 
 
+# Ops whose integer arguments are sizes: a channel width baked into the graph at
+# trace time (LayerNorm2d's normalized_shape, Res2Net's split size, a layer-scale
+# view) is mapped to the level's width like the layers around it.
+_SIZED_FUNCTIONS = {torch.split, torch.reshape, torch.nn.functional.layer_norm, torch.layer_norm,
+                    torch.nn.functional.group_norm, torch.unflatten}
+_SIZED_METHODS = {"view", "reshape", "split", "split_with_sizes", "expand", "unflatten", "new_zeros", "new_ones"}
+
+
 class _Reinstantiate(torch.fx.Interpreter):
     """Replays a block graph on fake tensors, creating the level's layers on the way."""
 
@@ -277,6 +285,8 @@ class _Reinstantiate(torch.fx.Interpreter):
         # that reach the layers; a layer writing an observed width writes its new value
         # (so a ShuffleNet branch fed half the channels gives back exactly half).
         self.observed: dict[int, int] = {w: spec.width for w in spec.block_widths}
+        self.sizes: dict[int, dict[int, int]] = {}  # node index -> {old size: new size} applied there
+        self.index = {n: i for i, n in enumerate(block.graph.nodes)}
 
     def run_node(self, n: torch.fx.Node) -> Any:
         self.node = n
@@ -291,9 +301,41 @@ class _Reinstantiate(torch.fx.Interpreter):
         orig = src.meta.get("shape") if isinstance(src, torch.fx.Node) else None
         if in_w and orig is not None and len(orig) == x.dim():
             self.observed.setdefault(orig[dim], in_w)
-        new = reinstantiate(mod, in_w, self.spec, lambda w: self.observed.get(w) or self.spec.map_width(w))
+        new = reinstantiate(mod, in_w, self.spec, self.width_of)
         self.new_attrs[target] = new
         return new(*args, **kwargs)
+
+    def width_of(self, w: int) -> int:
+        return self.observed.get(w) or self.spec.map_width(w)
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if target in _SIZED_FUNCTIONS:
+            args, kwargs = self._map_sizes((args, kwargs))
+        return super().call_function(target, args, kwargs)
+
+    def call_method(self, target: str, args: Any, kwargs: Any) -> Any:
+        if target in _SIZED_METHODS:
+            args, kwargs = self._map_sizes((args, kwargs))
+        return super().call_method(target, args, kwargs)
+
+    def _map_sizes(self, value: Any) -> Any:
+        """Integer sizes written into the graph (``view(320, 1, 1)``, ``split(x, 26)``) that are block widths.
+
+        The mapping used is recorded per node so the variant's graph gets the same constants.
+        """
+        if isinstance(value, bool) or isinstance(value, torch.Tensor):
+            return value
+        if isinstance(value, int):
+            if value > 1 and value in self.widths:
+                new = self.width_of(value)
+                self.sizes.setdefault(self.index[self.node], {})[value] = new
+                return new
+            return value
+        if isinstance(value, (tuple, list)):
+            return type(value)(self._map_sizes(v) for v in value)
+        if isinstance(value, dict):
+            return {k: self._map_sizes(v) for k, v in value.items()}
+        return value
 
     def get_attr(self, target: str, args: Any, kwargs: Any) -> Any:
         value = self.fetch_attr(target)
@@ -314,6 +356,7 @@ class _Recipe:
 
     modules: dict[str, nn.Module]
     tensors: tuple[str, ...]
+    sizes: dict[int, dict[int, int]]  # node index -> integer sizes rewritten in its arguments
 
 
 def _replay(block: torch.fx.GraphModule, spec: LevelSpec, shape: list[int], widths: frozenset[int],
@@ -334,7 +377,7 @@ def _replay(block: torch.fx.GraphModule, spec: LevelSpec, shape: list[int], widt
     modules = {k: v for k, v in interp.new_attrs.items()
                if isinstance(v, nn.Module) and (_has_state(v) or type(v) is not type(block.get_submodule(k)))}
     tensors = tuple(k for k, v in interp.new_attrs.items() if not isinstance(v, nn.Module))
-    return _Recipe(modules, tensors)
+    return _Recipe(modules, tensors, interp.sizes)
 
 
 def _has_state(module: nn.Module) -> bool:
@@ -412,7 +455,20 @@ class VariantFactory:
             attrs[target] = _resize_tensor(_fetch(block, target), spec, widths)
         graph = torch.fx.Graph()
         graph.output(graph.graph_copy(block.graph, {}))
+        for i, node in enumerate(graph.nodes):
+            if i in recipe.sizes:
+                node.args, node.kwargs = _replace_ints((node.args, node.kwargs), recipe.sizes[i])
         return torch.fx.GraphModule(attrs, graph, "Block")
+
+
+def _replace_ints(value: Any, mapping: dict[int, int]) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, tuple, list, dict)):
+        return value
+    if isinstance(value, int):
+        return mapping.get(value, value)
+    if isinstance(value, dict):
+        return {k: _replace_ints(v, mapping) for k, v in value.items()}
+    return type(value)(_replace_ints(v, mapping) for v in value)
 
 
 def build_variant(block: torch.fx.GraphModule, spec: LevelSpec, input_shape: torch.Size, channel_dim: int,

@@ -58,28 +58,69 @@ class Region:
 
 
 def _dataflow_graph(graph: torch.fx.Graph) -> tuple[nx.DiGraph, torch.fx.Node]:
-    """Dataflow DiGraph over nodes that depend on an input; constants (get_attr ...) are left out."""
+    """Dataflow DiGraph over the nodes that carry data from an input to the output.
+
+    Constants (``get_attr`` ...) and side-effect-only nodes that never reach the
+    output (``_assert(x.ndim == 4)`` checks, as timm layers emit) are left out:
+    they would break (post-)dominance. :func:`_attach_side_nodes` gives the
+    latter back to the block that computes their inputs.
+    """
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     live: set[torch.fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or any(a in live for a in node.all_input_nodes):
+            live.add(node)
+    useful, stack = {output}, [output]
+    while stack:
+        for a in stack.pop().all_input_nodes:
+            if a in live and a not in useful:
+                useful.add(a)
+                stack.append(a)
     g = nx.DiGraph()
     g.add_node(_SOURCE)
     for node in graph.nodes:
+        if node not in useful:
+            continue
         if node.op == "placeholder":
-            live.add(node)
             g.add_edge(_SOURCE, node)
-            continue
-        preds = [a for a in node.all_input_nodes if a in live]
-        if not preds:
-            continue
-        live.add(node)
-        for a in preds:
-            g.add_edge(a, node)
-    # Nodes whose value never reaches the output (e.g. unused size() calls) would
-    # break post-dominance; hang them on the output.
-    for node in list(g.nodes):
-        if node is not _SOURCE and node is not output and g.out_degree(node) == 0:
-            g.add_edge(node, output)
+        for a in node.all_input_nodes:
+            if a in useful:
+                g.add_edge(a, node)
     return g, output
+
+
+def _attach_side_nodes(region: "Region", g: nx.DiGraph, order: dict) -> None:
+    """Add the side-effect-only nodes (asserts on shapes) that read only from inside the region."""
+    inside = set(region.nodes)
+    frontier = list(region.nodes)
+    while frontier:
+        for user in frontier.pop().users:
+            if user in g or user in inside:
+                continue
+            if all(a in inside or a is region.entry or a not in g and not _reads_outside(a, inside, region.entry, g)
+                   for a in user.all_input_nodes):
+                inside.add(user)
+                frontier.append(user)
+    extra = inside.difference(region.nodes)
+    if extra:
+        exit = region.exit
+        region.nodes = sorted(inside.difference({exit}), key=order.__getitem__) + [exit]
+
+
+def _reads_outside(node: torch.fx.Node, inside: set, entry: torch.fx.Node, g: nx.DiGraph) -> bool:
+    """Does a node outside the dataflow graph depend on a data node outside the region?"""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        for a in n.all_input_nodes:
+            if a in seen:
+                continue
+            seen.add(a)
+            if a in g and a not in inside and a is not entry:
+                return True
+            if a not in g:
+                stack.append(a)
+    return False
 
 
 def _tree_intervals(idom: dict, root) -> tuple[dict, dict]:
@@ -154,7 +195,7 @@ def _extend_tail(nodes: list[torch.fx.Node], g: nx.DiGraph, output: torch.fx.Nod
     while True:
         cur = nodes[-1]
         users = list(g.successors(cur))
-        if len(users) != 1 or len(cur.users) != 1:
+        if len(users) != 1:
             return
         nxt = users[0]
         if nxt is output or nxt in taken or [a for a in nxt.all_input_nodes if a in g] != [cur]:
@@ -260,4 +301,7 @@ def find_blocks(gm: torch.fx.GraphModule, *, transitions: bool = False) -> list[
     units = _fork_join_units(g, output, order, modules)
     taken = {n for r in units for n in r.nodes}
     layers = _layer_blocks(g, output, order, modules, taken, transitions)
-    return sorted(units + layers, key=lambda r: order[r.exit])
+    regions = sorted(units + layers, key=lambda r: order[r.exit])
+    for region in regions:
+        _attach_side_nodes(region, g, order)
+    return regions
