@@ -340,6 +340,59 @@ def test_dropout_is_active_only_in_train():
         assert torch.equal(gm(x), c)
 
 
+class Stochastic(nn.Module):
+    """Reads ``self.training`` in forward: functional dropout, or torchvision's StochasticDepth (traced through)."""
+
+    def __init__(self, kind: str, c: int = 16) -> None:
+        super().__init__()
+        self.kind = kind
+        self.stem = nn.Conv2d(3, c, 1)
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+        if kind == "stochastic_depth":
+            torchvision = pytest.importorskip("torchvision")
+            self.sd = torchvision.ops.StochasticDepth(0.5, "row")
+
+    def forward(self, x):
+        x = self.stem(x)
+        if self.kind == "stochastic_depth":
+            return x + self.sd(self.bn(self.conv(x)))
+        x = x + self.bn(self.conv(x))
+        return F.dropout(x, 0.5, self.training)
+
+
+def _switches(gm, x):
+    """(train output random, eval output deterministic)."""
+    gm.train()
+    with torch.no_grad():
+        random_in_train = not torch.equal(gm(x), gm(x))
+    gm.eval()
+    with torch.no_grad():
+        deterministic_in_eval = torch.equal(gm(x), gm(x))
+    return random_in_train, deterministic_in_eval
+
+
+@pytest.mark.parametrize("kind", ["dropout", "stochastic_depth"])
+def test_stochastic_models_switch_modes_before_the_transform(kind):
+    """The control for B21: the input model itself switches."""
+    torch.manual_seed(0)
+    assert _switches(Stochastic(kind), torch.randn(4, 3, 8, 8)) == (True, True)
+
+
+# regression B21: torch.fx specialises ``self.training`` to the mode at trace time
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="B21: self.training is evaluated while tracing; the result keeps that mode forever")
+@pytest.mark.parametrize("traced_in", ["train", "eval"])
+@pytest.mark.parametrize("kind", ["dropout", "stochastic_depth"])
+def test_regression_training_flag_is_not_frozen_at_trace_time(kind, traced_in):
+    torch.manual_seed(0)
+    model = Stochastic(kind).train(traced_in == "train")
+    x = torch.randn(4, 3, 8, 8)
+    gm = mt.mgicify(model, x, group_size=4, coarsest_width=4)
+    assert [d.path for d in gm.meta["mgic"].rewritten] == ["conv"]
+    assert _switches(gm, x) == (True, True)
+
+
 # --------------------------------------------------------------------------- dtype / memory format
 
 
