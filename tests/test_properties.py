@@ -629,3 +629,75 @@ def test_regression_hook_inside_the_block_that_reads_values():
     gm = mt.mgicify(model, torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=4)
     (d,) = gm.meta["mgic"].blocks
     assert d.rewritten, d.reason
+
+
+class Counter(nn.Module):
+    """Its forward updates a buffer in place (a step counter, as BatchNorm subclasses do with num_batches_tracked)."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 1)
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        x = self.stem(x)
+        return x + self.conv(x)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="B22: tracing runs the in-place buffer update on tensors shared with the input model")
+def test_regression_tracing_does_not_mutate_the_input_model():
+    model = Counter()
+    mt.mgicify(model, torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=4)
+    assert int(model.calls) == 0
+
+
+class CountingBN(nn.BatchNorm2d):
+    """A BatchNorm subclass with its own forward (like timm's BatchNormAct2d): torch.fx traces through it."""
+
+    def forward(self, x):
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                            self.momentum, self.eps)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="B22: in-place buffer updates in a traced forward are missing from the result")
+def test_regression_batchnorm_subclass_keeps_counting():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), CountingBN(16), nn.ReLU())
+    model.train()
+    gm = mt.mgicify(model, torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=4)
+    assert int(model[1].num_batches_tracked) == 0  # the input model is untouched
+    gm.train()
+    gm(torch.randn(2, 3, 8, 8))
+    assert int(gm.get_submodule("1").num_batches_tracked) == 1  # and the result still counts
+
+
+class AssertingUnit(nn.Module):
+    def __init__(self, c=32):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, "expected 4D input")  # timm's BatchNormAct2d does this
+        return F.relu(x + self.conv(x))
+
+
+def test_one_unit_with_an_input_assert_is_rewritten():
+    """The control for B23."""
+    torch.manual_seed(0)
+    gm = check_transform(nn.Sequential(nn.Conv2d(3, 32, 1), AssertingUnit()), torch.randn(2, 3, 8, 8),
+                         group_size=4, coarsest_width=8)
+    assert len(gm.meta["mgic"].rewritten) == 1
+
+
+# regression B23 (fixed in the working tree's passes/blocks.py): KeyError in extract_block
+def test_regression_consecutive_units_with_input_asserts():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 1), AssertingUnit(), AssertingUnit())
+    gm = check_transform(model, torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=8)
+    assert len(gm.meta["mgic"].rewritten) == 2
