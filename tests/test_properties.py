@@ -5,7 +5,8 @@ as a readable spec and can be pasted into ``@example``): Conv1d or Conv2d; odd a
 non-power-of-two widths; plain conv-bn-relu layers (some grouped, depthwise or
 strided, some width-changing); residual units (grouped); concat joins; multiply
 gates; squeeze-excite; MobileNet inverted residuals (depthwise + optional SE);
-pooling. For every drawn model and options the transform must:
+ShuffleNetV2 units (chunk, concat, channel shuffle); GroupNorm/PReLU/layer-scale
+units; pooling. For every drawn model and options the transform must:
 
 * produce a GraphModule whose graph lints, with one MGICBlock node per rewritten block;
 * keep the output shape (train and eval, other batch and spatial sizes too);
@@ -148,6 +149,36 @@ class InvRes(nn.Module):
         return x + self.bn3(self.project(y))
 
 
+class Shuffle(nn.Module):
+    """ShuffleNetV2 unit: split the channels in halves, transform one, concatenate, shuffle (even widths)."""
+
+    def __init__(self, d, w, k):
+        super().__init__()
+        h = w // 2
+        self.branch = nn.Sequential(CONV[d](h, h, 1, bias=False), BN[d](h), nn.ReLU(),
+                                    CONV[d](h, h, k, padding=k // 2, groups=h, bias=False), BN[d](h),
+                                    CONV[d](h, h, 1, bias=False), BN[d](h), nn.ReLU())
+
+    def forward(self, x):
+        a, b = x.chunk(2, dim=1)
+        out = torch.cat((a, self.branch(b)), dim=1)
+        return out.unflatten(1, (2, -1)).transpose(1, 2).flatten(1, 2)
+
+
+class Fancy(nn.Module):
+    """Dilated biased conv, GroupNorm, PReLU (shared or per channel) and a layer-scale parameter of its own."""
+
+    def __init__(self, d, w, k, gn_groups, prelu_shared):
+        super().__init__()
+        self.conv = CONV[d](w, w, k, padding=(k // 2) * 2, dilation=2)
+        self.norm = nn.GroupNorm(gn_groups, w)
+        self.act = nn.PReLU() if prelu_shared else nn.PReLU(w)
+        self.scale = nn.Parameter(torch.full((w,) + (1,) * d, 0.5))
+
+    def forward(self, x):
+        return x + self.scale * self.act(self.norm(self.conv(x)))
+
+
 class Pool(nn.Module):
     def __init__(self, d):
         super().__init__()
@@ -158,7 +189,7 @@ class Pool(nn.Module):
 
 
 KINDS = {"plain": Plain, "residual": Residual, "concat": Concat, "gate": Gate, "se": SE, "invres": InvRes,
-         "pool": Pool}
+         "shuffle": Shuffle, "fancy": Fancy, "pool": Pool}
 
 
 class RandomCNN(nn.Module):
@@ -212,6 +243,10 @@ def cnn_specs(draw, max_blocks=4, max_width=48):
             blocks.append(("se", w, draw(st.integers(2, max(2, w // 2))), k))
         elif kind == "invres":
             blocks.append(("invres", w, draw(st.integers(w, 3 * w)), k, draw(st.booleans())))
+        elif kind == "shuffle" and w % 2 == 0:
+            blocks.append(("shuffle", w, k))
+        elif kind == "fancy":
+            blocks.append(("fancy", w, k, draw(st.sampled_from(_divisors(w))), draw(st.booleans())))
         elif kind == "pool" and pools < 2:
             pools += 1
             blocks.append(("pool",))
@@ -256,7 +291,7 @@ def check_transform(model, x, **options):
     model.eval()
     with torch.no_grad():
         reference = model(x)
-        other = example_input_like(x, batch=3, grow=4)
+        other = example_input_like(x, batch=3)
         reference_other = model(other)
     model.train()
     snap = _snapshot(model)
@@ -309,8 +344,9 @@ def check_transform(model, x, **options):
     return gm
 
 
-def example_input_like(x, batch, grow):
-    return torch.randn(batch, x.shape[1], *(s + grow for s in x.shape[2:]))
+def example_input_like(x, batch):
+    """Another batch size and twice the spatial size (any stride pattern accepts that)."""
+    return torch.randn(batch, x.shape[1], *(2 * s for s in x.shape[2:]))
 
 
 def _check_levels(d, group_size, coarsest_width):
@@ -330,6 +366,7 @@ CONCAT_ODD_SPLIT = (1, 3, 27, (("gate", 27, 3), ("concat", 27, 2, 3), ("concat",
 MOBILE_SE = (2, 3, 39, (("invres", 39, 94, 1, True), ("se", 39, 13, 3)), 5)
 TRANSITION = (2, 3, 32, (("plain", 32, 64, 3, 1, 2), ("residual", 64, 64, 3, 1, False), ("pool",)), 5)
 GATE_CONCAT = (2, 3, 32, (("gate", 32, 3), ("concat", 32, 16, 3)), 5)
+SHUFFLE_FANCY = (1, 3, 48, (("shuffle", 48, 3), ("fancy", 48, 3, 6, True), ("fancy", 48, 1, 8, False)), 5)
 
 
 @SETTINGS
@@ -345,6 +382,7 @@ GATE_CONCAT = (2, 3, 32, (("gate", 32, 3), ("concat", 32, 16, 3)), 5)
 @example(spec=MOBILE_SE, group_size=7, coarsest_width=4, transitions=True, seed=0)
 @example(spec=TRANSITION, group_size=4, coarsest_width=8, transitions=True, seed=0)
 @example(spec=GATE_CONCAT, group_size=4, coarsest_width=None, transitions=False, seed=1)
+@example(spec=SHUFFLE_FANCY, group_size=3, coarsest_width=5, transitions=False, seed=2)
 def test_mgicify_random_cnn(spec, group_size, coarsest_width, transitions, seed):
     torch.manual_seed(seed)
     model = RandomCNN(spec)
@@ -358,12 +396,13 @@ def test_the_strategy_reaches_rewrites_of_every_join_kind():
     kinds = set()
     for spec, opts in [(MOBILE_SE, dict(group_size=7, coarsest_width=4, transitions=True)),
                        (TRANSITION, dict(group_size=4, coarsest_width=8, transitions=True)),
-                       (GATE_CONCAT, dict(group_size=4, coarsest_width=8))]:
+                       (GATE_CONCAT, dict(group_size=4, coarsest_width=8)),
+                       (SHUFFLE_FANCY, dict(group_size=4, coarsest_width=8))]:
         gm = check_transform(RandomCNN(spec), example_input(spec), **opts)
         for d in gm.meta["mgic"].rewritten:
             kinds.add((spec[3][int(d.path.split(".")[1])][0] if d.path.startswith("body.") else "stem", d.kind))
     assert {("residual", "residual"), ("invres", "residual"), ("se", "residual"), ("gate", "residual"),
-            ("concat", "residual"), ("plain", "transition")} <= kinds
+            ("concat", "residual"), ("plain", "transition"), ("shuffle", "residual"), ("fancy", "residual")} <= kinds
 
 
 @settings(max_examples=200, deadline=None, derandomize=True, database=None)
