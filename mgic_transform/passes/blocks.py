@@ -90,14 +90,18 @@ def _dataflow_graph(graph: torch.fx.Graph) -> tuple[nx.DiGraph, torch.fx.Node]:
 
 
 def _attach_side_nodes(region: "Region", g: nx.DiGraph, order: dict) -> None:
-    """Add the side-effect-only nodes (asserts on shapes) that read only from inside the region."""
+    """Add the side-effect-only nodes (asserts on shapes) that read only from inside the region.
+
+    A check on the exit tensor belongs to whatever consumes it, not to the block.
+    """
     inside = set(region.nodes)
-    frontier = list(region.nodes)
+    frontier = list(region.nodes[:-1])
     while frontier:
         for user in frontier.pop().users:
             if user in g or user in inside:
                 continue
-            if all(a in inside or a is region.entry or a not in g and not _reads_outside(a, inside, region.entry, g)
+            if all(a is not region.exit and (a in inside or a is region.entry or
+                                             a not in g and not _reads_outside(a, inside, region.entry, g))
                    for a in user.all_input_nodes):
                 inside.add(user)
                 frontier.append(user)
