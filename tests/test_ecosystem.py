@@ -143,6 +143,25 @@ def test_save_load_round_trip_in_a_fresh_process(tmp_path):
     assert "MGICBlock" in result["types"]
 
 
+def test_report_of_a_reloaded_model_has_the_same_totals():
+    """torch.load drops gm.meta (the plan): compare() still gives the same totals, and says why rows are missing."""
+    torch.manual_seed(0)
+    model = Net()
+    gm = mt.mgicify(model, torch.randn(*SHAPE), **OPTS)
+    buf = io.BytesIO()
+    torch.save(gm, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    fresh, reloaded = mt.compare(model, gm, torch.randn(*SHAPE)).to_dict(), mt.compare(model, loaded, torch.randn(*SHAPE)).to_dict()
+    for key in ("params_before", "params_after", "flops_before", "flops_after"):
+        assert fresh[key] == reloaded[key], key
+    assert fresh["params_after"] < fresh["params_before"]
+    assert len(fresh["blocks"]) == 2
+    assert reloaded["blocks"] == [] or len(reloaded["blocks"]) == 2  # rows need the plan, unless it survives pickling
+    if not reloaded["blocks"]:
+        assert any("meta['mgic']" in n for n in reloaded["notes"])
+
+
 # --------------------------------------------------------------------------- state_dict
 
 
