@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -468,7 +469,13 @@ def test_distributed_data_parallel_two_gloo_ranks(tmp_path):
     import torch.multiprocessing as mp
 
     world = 2
-    mp.spawn(_ddp_worker, args=(world, f"file://{tmp_path}/init", str(tmp_path)), nprocs=world, join=True)
+    ctx = mp.spawn(_ddp_worker, args=(world, f"file://{tmp_path}/init", str(tmp_path)), nprocs=world, join=False)
+    deadline = time.monotonic() + 180
+    while not ctx.join(timeout=2):  # raises if a worker failed (its assertion or traceback is in the message)
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.terminate()
+            pytest.fail("DDP workers did not finish within 180 s")
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     local = [r["local_grad"] for r in results]
     assert not torch.allclose(local[0], local[1])  # the ranks saw different data
