@@ -230,7 +230,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="inference batch sizes (default 1 8)")
     p.add_argument("--train-batch", type=int, default=None, help="training batch size (default 8)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch.set_num_threads (default 1: on a shared 2-core machine multi-threaded ops stall at "
+                        "every barrier when another job holds a core; see README)")
     p.add_argument("--quick", action="store_true", help="2 rounds, 1 warm-up, batch 1 inference, batch 2 training")
     p.add_argument("--write", action="store_true", help="also write benchmarks/results/speed[_channels_last].md")
     args = p.parse_args(argv)
@@ -239,8 +241,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.train_batch = args.train_batch or (2 if args.quick else 8)
     if args.quick:
         args.warmup = 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
 
     started = load_line()
     print(f"# {machine_line()}; {started}", file=sys.stderr)
