@@ -22,6 +22,7 @@ Bugs found by these properties are pinned at the bottom as plain regression test
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -341,6 +342,11 @@ def check_transform(model, x, **options):
         assert torch.equal(y1, y2)
         assert torch.isfinite(y1).all()
         assert gm(other).shape == reference_other.shape
+    if not plan.rewritten:  # nothing rewritten: the very same function (only the train step above differs)
+        fresh = mt.mgicify(model, x, **options).eval()
+        with torch.no_grad():
+            assert torch.equal(fresh(x), reference)
+            assert torch.equal(fresh(other), reference_other)
     return gm
 
 
@@ -388,6 +394,24 @@ def test_mgicify_random_cnn(spec, group_size, coarsest_width, transitions, seed)
     model = RandomCNN(spec)
     check_transform(model, example_input(spec), group_size=group_size, coarsest_width=coarsest_width,
                     transitions=transitions)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(spec=cnn_specs(), group_size=st.integers(1, 8), transitions=st.booleans())
+def test_skip_everything_gives_the_same_function(spec, group_size, transitions):
+    torch.manual_seed(0)
+    model = RandomCNN(spec).eval()
+    x = example_input(spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "matched no block" when there is no candidate at all
+        gm = mt.mgicify(model, x, group_size=group_size, coarsest_width=2, transitions=transitions, skip=["*"])
+    plan = gm.meta["mgic"]
+    assert not plan.rewritten
+    assert not plan.blocks or any(d.reason.startswith("skipped by the user") for d in plan.blocks)
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    assert _n_params(gm) == _n_params(model)
 
 
 def test_the_strategy_reaches_rewrites_of_every_join_kind():
