@@ -26,7 +26,13 @@ from torch import nn
 import mgic_transform as mt
 from mgic_transform.nn import MGICBlock
 
-torch.set_num_threads(1)  # two shared cores: avoid oversubscription
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Two shared cores: one intra-op thread avoids oversubscription (restored for other test files)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class Unit(nn.Module):
