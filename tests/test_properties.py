@@ -797,3 +797,35 @@ def test_regression_tied_weights_block_is_declined():
     gm = check_transform(model, torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=4, skip=["c2"])
     by_path = {d.path: d for d in gm.meta["mgic"].blocks}
     assert not by_path["c1"].rewritten and "c2" in by_path["c1"].reason
+
+
+class SharedScale(nn.Module):
+    """One root-level layer-scale parameter read by two residual units."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 1)
+        self.a = nn.Conv2d(c, c, 3, padding=1)
+        self.b = nn.Conv2d(c, c, 3, padding=1)
+        self.gamma = nn.Parameter(torch.full((c, 1, 1), 0.1))
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.gamma * self.a(x)
+        return x + self.gamma * self.b(x)
+
+
+def test_shared_layer_scale_both_blocks_rewritten_or_both_kept():
+    """Without skip, both units are treated alike (the tie then only exists within the original model)."""
+    torch.manual_seed(0)
+    gm = check_transform(SharedScale(), torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=4)
+    assert len({d.status for d in gm.meta["mgic"].blocks}) == 1
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="B24: a get_attr parameter shared with a block outside is copied, breaking the tie")
+def test_regression_shared_layer_scale_block_is_declined():
+    torch.manual_seed(0)
+    gm = check_transform(SharedScale(), torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=4, skip=["b"])
+    by_path = {d.path: d for d in gm.meta["mgic"].blocks}
+    assert not by_path["a"].rewritten, "'a' shares gamma with the kept block 'b'"
