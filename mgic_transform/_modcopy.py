@@ -18,7 +18,13 @@ from torch import nn
 __all__ = ["copy_structure", "own_tensors"]
 
 
-def copy_structure(module: nn.Module, convert: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> nn.Module:
+_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+          "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+          "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def copy_structure(module: nn.Module, convert: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+                   *, hooks: bool = True) -> nn.Module:
     """Copy ``module``'s tree of modules, mapping every parameter and buffer through ``convert``.
 
     Every module object is new (flags, hooks dicts and registries are private);
@@ -26,6 +32,8 @@ def copy_structure(module: nn.Module, convert: Callable[[torch.Tensor], torch.Te
     read-only). With the default ``convert`` the copy *shares* its tensors with
     ``module``; ``convert=lambda t: t.to("meta")`` gives a storage-less shadow.
     Modules and tensors shared inside ``module`` stay shared in the copy.
+    With ``hooks=False`` the copy carries no user hooks (analysis shadows and
+    new layers must not run or inherit them).
     """
     tensors: dict[int, Any] = {}
     modules: dict[int, nn.Module] = {}
@@ -45,6 +53,10 @@ def copy_structure(module: nn.Module, convert: Callable[[torch.Tensor], torch.Te
             return modules[id(m)]
         new = object.__new__(type(m))  # not type(m).__new__: GraphModule.__new__ makes a new class
         new.__dict__ = {k: (v.copy() if isinstance(v, dict) else v) for k, v in m.__dict__.items()}
+        if not hooks:
+            for name in _HOOKS:
+                if name in new.__dict__:
+                    new.__dict__[name] = type(m.__dict__[name])()
         modules[id(m)] = new
         new.__dict__["_parameters"] = {k: tensor(v) for k, v in m._parameters.items()}
         new.__dict__["_buffers"] = {k: tensor(v) for k, v in m._buffers.items()}

@@ -115,6 +115,23 @@ def _graph_inputs(gm: torch.fx.GraphModule, inputs: tuple) -> tuple:
     return tuple(values)
 
 
+def _check_plain_module(model: nn.Module) -> None:
+    """Wrappers and compiled modules cannot be traced by torch.fx: say what to pass instead."""
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise InputError(f"{type(model).__name__} is a wrapper that torch.fx cannot trace. Hint: pass model.module, "
+                         f"then wrap the result.")
+    if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+        raise InputError("a torch.compile()d module cannot be traced by torch.fx. Hint: pass model._orig_mod "
+                         "(the module before torch.compile), then compile the result.")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise InputError(f"{type(model).__name__} is a TorchScript module, which torch.fx cannot trace. Hint: pass the "
+                         f"original nn.Module (before torch.jit.script/trace).")
+    lazy = [n for n, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise InputError(f"the model has uninitialised lazy parameters ({lazy[0]}). Hint: run model(example_inputs) "
+                         f"once to initialise the lazy layers, then call mgicify.")
+
+
 def _check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}. Hint: e.g. {name}=32.")
@@ -180,6 +197,7 @@ def mgicify(
         hint = (f"pass an instance, e.g. {model.__name__}()" if isinstance(model, type) and issubclass(model, nn.Module)
                 else "pass the model object (an nn.Module instance)")
         raise InputError(f"mgicify expects an nn.Module, got {type(model).__name__}. Hint: {hint}.")
+    _check_plain_module(model)
     group_size = _check_positive_int("group_size", group_size)
     coarsest_width = group_size if coarsest_width is None else _check_positive_int("coarsest_width", coarsest_width)
     skip = _normalise_skip(skip)
@@ -192,7 +210,8 @@ def mgicify(
     # Work on a copy of the module tree that shares the weights (cheap); the
     # weights the result keeps are copied once at the end, the ones replaced by
     # MGIC blocks never are.
-    work = copy_structure(model)
+    # buffers are cloned: tracing runs in-place buffer updates of forward() for real
+    work = copy_structure(model, lambda t: t if isinstance(t, nn.Parameter) else t.clone())
     gm = trace(work, leaf_modules=(MGICBlock, *leaf_modules), concrete_args=concrete_args)
     gm.graph.eliminate_dead_code()
     if has_layers or inputs:

@@ -11,6 +11,8 @@ module a leaf (``leaf_modules=``) or fix the offending argument
 from __future__ import annotations
 
 import fnmatch
+import functools
+import inspect
 import re
 import traceback
 from typing import Any, Iterable, Optional, Union
@@ -49,6 +51,14 @@ class LeafTracer(torch.fx.Tracer):
             return True
         if any(fnmatch.fnmatchcase(module_qualified_name, p) for p in self._leaf_patterns):
             return True
+        # Subclasses of the layers the compiler knows (timm's BatchNormAct2d, Conv2dSame, LayerNorm2d ...)
+        # stay whole: tracing through them would bake `self.training` into F.batch_norm calls.
+        if isinstance(m, KNOWN_LAYERS):
+            return True
+        # Weightless modules whose forward reads self.training (StochasticDepth, DropPath ...): traced
+        # through, train()/eval() would stop switching them.
+        if _reads_training_flag(type(m)) and not any(True for _ in m.parameters()):
+            return True
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
@@ -61,6 +71,23 @@ class LeafTracer(torch.fx.Tracer):
             raise
         finally:
             self._current_module.pop()
+
+
+KNOWN_LAYERS = (
+    nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm, nn.LayerNorm, nn.PReLU,
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _reads_training_flag(cls: type) -> bool:
+    """Does ``cls.forward`` (or a helper it is) read ``self.training``? Read off the source."""
+    if cls.forward is nn.Module.forward or cls.__module__.startswith("torch.nn"):
+        return False
+    try:
+        return "self.training" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
 
 
 def _user_frame(exc: BaseException) -> Optional[traceback.FrameSummary]:

@@ -46,6 +46,7 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.fx
+import torch.nn.utils.parametrize
 from torch import nn
 
 from .._modcopy import copy_structure
@@ -151,11 +152,16 @@ def _fresh_like(mod: nn.Module, shapes: dict[str, tuple[int, ...]], **attrs: Any
     ``reset_parameters`` once the variant has been validated. The original
     parameters are never copied (they are about to be replaced).
     """
-    new = copy_structure(mod, lambda t: torch.empty(shapes.get(_name_of(mod, t), tuple(t.shape)),
-                                                    dtype=t.dtype, device="meta"))
+    new = copy_structure(mod, lambda t: _trainable(torch.empty(shapes.get(_name_of(mod, t), tuple(t.shape)),
+                                                               dtype=t.dtype, device="meta"), t), hooks=False)
     for k, v in attrs.items():
         setattr(new, k, v)
     return new
+
+
+def _trainable(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """New weights are trainable even where the old ones were frozen (they start from random)."""
+    return nn.Parameter(new, requires_grad=True) if isinstance(old, nn.Parameter) else new
 
 
 def _name_of(mod: nn.Module, t: torch.Tensor) -> str:
@@ -168,7 +174,7 @@ def _name_of(mod: nn.Module, t: torch.Tensor) -> str:
 
 def _instantiate(template: nn.Module, device: torch.device) -> nn.Module:
     """A new layer from a meta-device template: allocated on ``device``, initialised by ``reset_parameters``."""
-    module = copy_structure(template, lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
+    module = copy_structure(template, lambda t: _trainable(torch.empty(t.shape, dtype=t.dtype, device=device), t))
     for m in module.modules():
         if hasattr(m, "reset_parameters") and (m._parameters or m._buffers):
             m.reset_parameters()
@@ -241,6 +247,9 @@ def reinstantiate(mod: nn.Module, in_w: int, spec: LevelSpec,
 
     ``width_of`` maps an original output width to the new one (default: ``spec.map_width``).
     """
+    if torch.nn.utils.parametrize.is_parametrized(mod) or hasattr(mod, "weight_g"):
+        raise VariantError(f"layer {type(mod).__name__} is parametrized (weight_norm / spectral_norm ...); "
+                           f"re-instantiating parametrizations is not supported yet")
     for types, rule in _RULES:
         if isinstance(mod, types):
             return rule(mod, in_w, spec, width_of or spec.map_width)
@@ -248,7 +257,7 @@ def reinstantiate(mod: nn.Module, in_w: int, spec: LevelSpec,
         return nn.Identity()  # the connector does the spatial downsampling of a transition
     if any(True for _ in mod.parameters()) or any(True for _ in mod.buffers()):
         raise VariantError(f"unsupported layer {type(mod).__name__} (has weights, no resize rule)")
-    return copy_structure(mod)
+    return copy_structure(mod, hooks=False)
 
 
 def _as_tuple(v: Any) -> tuple:
@@ -294,11 +303,11 @@ class _Reinstantiate(torch.fx.Interpreter):
 
     def call_module(self, target: str, args: Any, kwargs: Any) -> Any:
         mod = self.fetch_attr(target)
-        dim = layer_channel_dim(mod)
         x = args[0]
-        in_w = x.shape[dim] if dim is not None and isinstance(x, torch.Tensor) and x.dim() > 1 else 0
         src = self.node.args[0] if self.node is not None and self.node.args else None
-        orig = src.meta.get("shape") if isinstance(src, torch.fx.Node) else None
+        orig = src.meta.get("shape") if isinstance(src, torch.fx.Node) else None  # at the original width
+        dim = layer_channel_dim(mod, orig)
+        in_w = x.shape[dim] if dim is not None and isinstance(x, torch.Tensor) and x.dim() > 1 else 0
         if in_w and orig is not None and len(orig) == x.dim():
             self.observed.setdefault(orig[dim], in_w)
         new = reinstantiate(mod, in_w, self.spec, self.width_of)
@@ -448,7 +457,8 @@ class VariantFactory:
         if isinstance(recipe, VariantError):
             raise VariantError(str(recipe))
         attrs: dict[str, Any] = {
-            n.target: copy_structure(block.get_submodule(n.target)) for n in block.graph.nodes if n.op == "call_module"
+            n.target: copy_structure(block.get_submodule(n.target), hooks=False)
+            for n in block.graph.nodes if n.op == "call_module"
         }  # weightless modules of this very block (its own dropout rates ...)
         attrs.update({k: _instantiate(m, torch.device(device)) for k, m in recipe.modules.items()})
         for target in recipe.tensors:

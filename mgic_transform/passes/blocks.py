@@ -220,7 +220,7 @@ def _is_norm_or_activation(module: nn.Module) -> bool:
     return not any(True for _ in module.parameters()) and not any(True for _ in module.buffers())
 
 
-def _fork_join_units(g, output, order, modules) -> list[Region]:
+def _fork_join_units(g, output, order, modules, transitions) -> list[Region]:
     idom = nx.immediate_dominators(g, _SOURCE)
     ipdom = nx.immediate_dominators(g.reverse(copy=False), output)
     pre, post = _tree_intervals(idom, _SOURCE)
@@ -250,11 +250,16 @@ def _fork_join_units(g, output, order, modules) -> list[Region]:
         if _classify(entry, nodes[-1]) != kind:
             continue
         units.append(Region(entry, nodes, "residual" if kind == "equal" else "transition"))
-    return _outermost_units(units)
+    return _outermost_units(units, transitions)
 
 
-def _outermost_units(units: list[Region]) -> list[Region]:
-    """Choose units top-down: a unit enclosing two or more units is a stage; descend into it."""
+def _outermost_units(units: list[Region], transitions: bool) -> list[Region]:
+    """Choose units top-down: a unit enclosing two or more units is a stage; descend into it.
+
+    Without ``transitions`` a width-changing unit is reported but cannot be
+    rewritten, so the search also descends into it (a U-Net's skip connection
+    must not hide the levels inside it).
+    """
     units.sort(key=lambda r: len(r.nodes))
     members = [set(r.nodes) for r in units]
     parent: list[Optional[int]] = [None] * len(units)
@@ -270,7 +275,10 @@ def _outermost_units(units: list[Region]) -> list[Region]:
     while stack:
         i = stack.pop()
         kids = children.get(i, [])
-        if len(kids) >= 2:
+        if units[i].kind == "transition" and not transitions:
+            chosen.append(units[i])
+            stack.extend(kids)
+        elif len(kids) >= 2:
             stack.extend(kids)
         else:
             units[i].enclosed = len(kids)
@@ -302,8 +310,8 @@ def find_blocks(gm: torch.fx.GraphModule, *, transitions: bool = False) -> list[
     g, output = _dataflow_graph(gm.graph)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     modules = dict(gm.named_modules())
-    units = _fork_join_units(g, output, order, modules)
-    taken = {n for r in units for n in r.nodes}
+    units = _fork_join_units(g, output, order, modules, transitions)
+    taken = {n for r in units if r.kind != "transition" or transitions for n in r.nodes}
     layers = _layer_blocks(g, output, order, modules, taken, transitions)
     regions = sorted(units + layers, key=lambda r: order[r.exit])
     for region in regions:

@@ -11,7 +11,7 @@ them is reported as unsupported.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch.fx
 from torch import nn
@@ -24,8 +24,12 @@ CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 
 
-def layer_channel_dim(module: nn.Module) -> Optional[int]:
-    """The input dimension a layer treats as channels: 1 (NC...), -1 (channels-last), or ``None``."""
+def layer_channel_dim(module: nn.Module, input_shape: Optional[Sequence[int]] = None) -> Optional[int]:
+    """The input dimension a layer treats as channels: 1 (NC...), -1 (channels-last), or ``None``.
+
+    A LayerNorm over one dimension normalises the last one, unless its input
+    shows otherwise (a ``LayerNorm2d`` subclass normalising dim 1 of NCHW).
+    """
     if isinstance(module, CONV_TYPES) or isinstance(module, NORM_TYPES):
         return 1
     if isinstance(module, nn.PReLU):
@@ -33,6 +37,9 @@ def layer_channel_dim(module: nn.Module) -> Optional[int]:
     if isinstance(module, nn.Linear):
         return -1
     if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
+        c = module.normalized_shape[0]
+        if input_shape is not None and len(input_shape) > 2 and input_shape[-1] != c and input_shape[1] == c:
+            return 1
         return -1
     return None
 
@@ -64,14 +71,18 @@ def block_channel_dim(
     for node in interior:
         if node.op != "call_module":
             continue
-        dim = layer_channel_dim(modules[node.target])
+        src = shape_of(node.args[0]) if node.args else None
+        dim = layer_channel_dim(modules[node.target], src)
         if dim is None:
             continue
-        src = shape_of(node.args[0]) if node.args else None
         if src is None or len(src) != len(entry_shape):
             return None
         dim %= len(entry_shape)
+        # the same tensor up to the channel dim (a chunk of the channels), or the same
+        # batch and channel count (a pooled / strided copy, as a U-Net's down path reads)
         if all(a == b for i, (a, b) in enumerate(zip(src, entry_shape)) if i != dim):
+            return dim
+        if src[0] == entry_shape[0] and src[dim] == entry_shape[dim] and dim != 0:
             return dim
         return None
     return None

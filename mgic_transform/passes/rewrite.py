@@ -122,7 +122,8 @@ def _build(gm: torch.fx.GraphModule, region: Region, *, group_size: int, coarses
     inner = {c_in, c_out}
     for n in region.nodes:
         if n.op == "call_module":
-            dim = layer_channel_dim(gm.get_submodule(n.target))
+            src = shape_of(n.args[0]) if n.args else None
+            dim = layer_channel_dim(gm.get_submodule(n.target), src)
             for t in [*(a for a in n.all_input_nodes), n]:
                 s = shape_of(t)
                 if dim is not None and s is not None and len(s) > 1:
@@ -202,6 +203,7 @@ def rewrite_blocks(gm: torch.fx.GraphModule, regions: Sequence[Region], *, group
     replaced: dict[torch.fx.Node, torch.fx.Node] = {}  # exit of a rewritten block -> its MGICBlock node
     modules = dict(gm.named_modules())
     factory = VariantFactory()
+    params_before = {id(r): _unique_params(gm, r) for r in regions}  # before any splice changes modules
     for region in regions:
         region.entry = replaced.get(region.entry, region.entry)
         path, layers = _block_path(gm, region)
@@ -218,7 +220,7 @@ def rewrite_blocks(gm: torch.fx.GraphModule, regions: Sequence[Region], *, group
             mgic, info = _build(gm, region, group_size=group_size, coarsest_width=coarsest_width, skip=skip,
                                 transitions=transitions, path=path, layers=layers, cd=cd, factory=factory)
         except _Decline as why:
-            decisions.append(BlockDecision(status=SKIPPED, reason=str(why), params_before=_unique_params(gm, region),
+            decisions.append(BlockDecision(status=SKIPPED, reason=str(why), params_before=params_before[id(region)],
                                            **widths, **common))
             continue
         target = _target_for(gm, path, region, taken)

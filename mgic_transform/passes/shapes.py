@@ -28,7 +28,7 @@ __all__ = ["propagate_shapes", "run_fake", "run_meta", "meta_copy", "shape_of"]
 
 def meta_copy(module: nn.Module) -> nn.Module:
     """A copy of ``module`` whose parameters, buffers and tensor constants live on the meta device."""
-    shadow = copy_structure(module, lambda t: t.detach().to("meta"))
+    shadow = copy_structure(module, lambda t: t.detach().to("meta"), hooks=False)
     if isinstance(shadow, torch.fx.GraphModule):  # plain tensor constants referenced by get_attr
         for node in shadow.graph.nodes:
             if node.op == "get_attr":
@@ -119,7 +119,7 @@ def run_fake(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> Any:
     A private copy of the module tree is run in eval mode: ``gm`` is not touched.
     """
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    shadow = copy_structure(gm).eval()  # private flags; the weights are shared, never written
+    shadow = copy_structure(gm, hooks=False).eval()  # private flags; the weights are shared, never written
     with mode:
         fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs]
         return _FakeShapeProp(shadow, annotate=dict(zip(shadow.graph.nodes, gm.graph.nodes))).run(*fake)
