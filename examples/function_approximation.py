@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dw-kernel", type=int, choices=(1, 3), default=1, help="depthwise kernel (1x1 maps: 3 = 1 + dead weights)")
     p.add_argument("--tie-tolerance", type=float, default=0.05,
                    help="with one seed, relative MSE differences below this count as a tie in the verdict")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all available cores)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all available cores); on a shared, busy machine use 1: idle-waiting OpenMP threads make 2 threads up to 10x slower there")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test")
     p.add_argument("--write-results", action="store_true", help=f"write {RESULTS_DIR}/function_approximation.{{md,png}}")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where --write-results writes")

@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shortcut", choices=("A", "B"), default="A", help="ResNet shortcut at width changes: A zero-pad, B 1x1 conv")
     p.add_argument("--image-size", type=int, default=32, help="the 8x8 digits are upsampled (bilinear) to this size")
     p.add_argument("--models", nargs="+", choices=("original", "mgic"), default=["original", "mgic"])
-    p.add_argument("--threads", type=int, default=None, help="torch threads in total (default: all available cores, split across processes)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads in total (default: all available cores, split across processes); on a shared, busy machine use 1: idle-waiting OpenMP threads make 2 threads up to 10x slower there")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test: 1 seed, 1 epoch, 256 training images")
     p.add_argument("--write-results", action="store_true", help=f"write the table to {RESULTS_DIR / 'digits.md'}")
     p.add_argument("--results-file", type=Path, default=RESULTS_DIR / "digits.md", help="where --write-results writes")
