@@ -405,11 +405,14 @@ def test_stochastic_models_switch_modes_before_the_transform(kind):
     assert _switches(Stochastic(kind), torch.randn(4, 3, 8, 8)) == (True, True)
 
 
-# regression B21: torch.fx specialises ``self.training`` to the mode at trace time
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="B21: self.training is evaluated while tracing; the result keeps that mode forever")
+# regression B21: torch.fx specialises ``self.training`` to the mode at trace time. Fixed in 3afb777 for
+# submodules that read it (StochasticDepth is now a leaf); still open for the root's own forward.
+_B21_OPEN = pytest.mark.xfail(strict=True, raises=AssertionError,
+                              reason="B21: the root forward's self.training is evaluated while tracing")
+
+
 @pytest.mark.parametrize("traced_in", ["train", "eval"])
-@pytest.mark.parametrize("kind", ["dropout", "stochastic_depth"])
+@pytest.mark.parametrize("kind", [pytest.param("dropout", marks=_B21_OPEN), "stochastic_depth"])
 def test_regression_training_flag_is_not_frozen_at_trace_time(kind, traced_in):
     torch.manual_seed(0)
     model = Stochastic(kind).train(traced_in == "train")

@@ -336,8 +336,7 @@ def test_concrete_args_is_the_advertised_fix():
     assert gm(X).shape == (2, 4)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="B15: copy_structure cannot clone a ScriptModule (bare RuntimeError since 2f78ac8)")
+# regression B15 (fixed in 3afb777): copy_structure cannot clone a ScriptModule (bare RuntimeError since 2f78ac8)
 def test_script_module_is_an_mgic_error():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated
@@ -401,8 +400,7 @@ def test_model_without_layers_needs_no_example_input():
     assert any("no Conv or Linear" in n for n in gm.meta["mgic"].notes)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="B16: wrappers get the generic leaf_modules hint instead of 'pass model._orig_mod/.module'")
+# regression B16 (fixed in 3afb777): wrappers get the generic leaf_modules hint instead of 'pass model._orig_mod/.module'
 @pytest.mark.parametrize("wrap, attr", [(torch.compile, "_orig_mod"), (nn.DataParallel, ".module")],
                          ids=["compile", "DataParallel"])
 def test_wrapped_model_gets_an_unwrap_hint(wrap, attr):
@@ -415,7 +413,7 @@ def test_wrapped_model_gets_an_unwrap_hint(wrap, attr):
         assert gm.meta["mgic"].rewritten
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="B19: uninitialised lazy parameters raise a bare ValueError")
+# regression B19 (fixed in 3afb777): uninitialised lazy parameters raise a bare ValueError
 def test_uninitialised_lazy_module():
     model = nn.Sequential(nn.LazyConv2d(16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1))
     with pytest.raises(InputError, match="(?i)lazy") as info:
