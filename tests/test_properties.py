@@ -772,7 +772,7 @@ def test_one_unit_with_an_input_assert_is_rewritten():
     assert len(gm.meta["mgic"].rewritten) == 1
 
 
-# regression B23 (fixed in the working tree's passes/blocks.py): KeyError in extract_block
+# regression B23 (fixed): KeyError in extract_block
 def test_regression_consecutive_units_with_input_asserts():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 32, 1), AssertingUnit(), AssertingUnit())
