@@ -373,8 +373,8 @@ def _replay(block: torch.fx.GraphModule, spec: LevelSpec, shape: list[int], widt
     interp = _Reinstantiate(block, spec, widths)
     try:
         out = interp.run(torch.empty(shape, dtype=dtype, device="meta"))
-    except VariantError:
-        raise
+    except VariantError as exc:  # fx appends "While executing ..." notes: keep the reason to one line
+        raise VariantError(str(exc).split("\n")[0]) from exc
     except Exception as exc:  # an op rejected the new width
         node = interp.node
         where = f"at {node.op} {node.target}" if node is not None else ""

@@ -67,13 +67,31 @@ def _fetch(module: nn.Module, target: str):
     return obj
 
 
-def _shared_module(gm: torch.fx.GraphModule, region: Region) -> Optional[str]:
+def _shared_weights(gm: torch.fx.GraphModule, region: Region) -> Optional[str]:
+    """A weight the block shares with code outside it (a layer called twice, tied weights, a shared scale)."""
     inside = set(region.nodes)
-    targets = {n.target for n in region.nodes if n.op == "call_module"}
+
+    def tensors(node: torch.fx.Node) -> dict[int, str]:
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            return {id(t): f"{node.target}.{k}" for k, t in [*mod.named_parameters(), *mod.named_buffers()]}
+        if node.op == "get_attr":
+            t = _fetch(gm, node.target)
+            return {id(t): str(node.target)} if isinstance(t, nn.Parameter) else {}
+        return {}
+
+    mine: dict[int, str] = {}
+    for n in region.nodes:
+        mine.update(tensors(n))
+        for a in n.all_input_nodes:
+            if a.op == "get_attr":
+                mine.update(tensors(a))
     for n in gm.graph.nodes:
-        if n.op == "call_module" and n.target in targets and n not in inside:
-            if any(True for _ in gm.get_submodule(n.target).parameters()):
-                return str(n.target)
+        if n in inside or n.op not in ("call_module", "get_attr") or all(u in inside for u in n.users) and n.users:
+            continue
+        for key, name in tensors(n).items():
+            if key in mine:
+                return f"{mine[key]!r} is shared with {name!r} outside the block (tied weights)"
     return None
 
 
@@ -110,9 +128,9 @@ def _build(gm: torch.fx.GraphModule, region: Region, *, group_size: int, coarses
     widths = level_widths(c_out, coarsest_width)
     if len(widths) == 1:
         raise _Decline(f"width {c_out} is not wider than coarsest_width={coarsest_width}")
-    shared = _shared_module(gm, region)
+    shared = _shared_weights(gm, region)
     if shared:
-        raise _Decline(f"layer {shared!r} is also used outside the block (shared weights)")
+        raise _Decline(shared)
     groups = level_groups(widths, group_size)
     try:
         block = extract_block(gm, region.entry, region.nodes)
