@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["copy_structure", "own_tensors"]
+__all__ = ["copy_structure", "own_tensors", "fetch_attr"]
 
 
 _HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
@@ -92,3 +92,11 @@ def own_tensors(module: nn.Module, keep: Callable[[nn.Module], bool] = lambda m:
             if isinstance(v, torch.Tensor):
                 m.__dict__[k] = own(v)
         stack.extend(c for c in m._modules.values() if c is not None)
+
+
+def fetch_attr(module: nn.Module, target: str) -> Any:
+    """The object at a dotted attribute path (a submodule, parameter, buffer or tensor constant)."""
+    obj: Any = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

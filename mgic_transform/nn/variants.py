@@ -49,7 +49,7 @@ import torch.fx
 import torch.nn.utils.parametrize
 from torch import nn
 
-from .._modcopy import copy_structure
+from .._modcopy import copy_structure, fetch_attr
 from ..passes.channels import CONV_TYPES, layer_channel_dim
 from .transfer import GroupedLinear
 
@@ -129,17 +129,10 @@ def extract_block(
         new = graph.node_copy(n, env.__getitem__)
         if n.op in ("call_module", "get_attr"):
             new.target = str(n.target)[strip:]
-            root[new.target] = gm.get_submodule(n.target) if n.op == "call_module" else _fetch(gm, n.target)
+            root[new.target] = gm.get_submodule(n.target) if n.op == "call_module" else fetch_attr(gm, n.target)
         env[n] = new
     graph.output(env[nodes[-1]])
     return torch.fx.GraphModule(root, graph, "Block")
-
-
-def _fetch(module: nn.Module, target: str) -> Any:
-    obj: Any = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 # ----------------------------------------------------------------------------- layer rules
@@ -411,7 +404,7 @@ def _signature(block: torch.fx.GraphModule) -> tuple:
     consts = []
     for n in block.graph.nodes:
         if n.op == "get_attr":
-            v = _fetch(block, n.target)
+            v = fetch_attr(block, n.target)
             consts.append((n.target, tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else (n.target, repr(v)))
     index = {n: i for i, n in enumerate(block.graph.nodes)}
     ops = tuple(
@@ -462,7 +455,7 @@ class VariantFactory:
         }  # weightless modules of this very block (its own dropout rates ...)
         attrs.update({k: _instantiate(m, torch.device(device)) for k, m in recipe.modules.items()})
         for target in recipe.tensors:
-            attrs[target] = _resize_tensor(_fetch(block, target), spec, widths)
+            attrs[target] = _resize_tensor(fetch_attr(block, target), spec, widths)
         graph = torch.fx.Graph()
         graph.output(graph.graph_copy(block.graph, {}))
         for i, node in enumerate(graph.nodes):

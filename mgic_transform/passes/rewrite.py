@@ -17,6 +17,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from .._modcopy import fetch_attr
 from ..hierarchy import analytic_params, level_groups, level_widths, transfer_groups
 from ..nn.mgic_block import MGICBlock
 from ..nn.transfer import GroupedLinear, make_residual_norm, make_transfer
@@ -54,17 +55,10 @@ def _unique_params(gm: torch.fx.GraphModule, region: Region) -> int:
                 seen[id(p)] = p.numel()
         for a in n.all_input_nodes:
             if a.op == "get_attr":
-                t = _fetch(gm, a.target)
+                t = fetch_attr(gm, a.target)
                 if isinstance(t, nn.Parameter):
                     seen[id(t)] = t.numel()
     return sum(seen.values())
-
-
-def _fetch(module: nn.Module, target: str):
-    obj = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _shared_weights(gm: torch.fx.GraphModule, region: Region) -> Optional[str]:
@@ -76,7 +70,7 @@ def _shared_weights(gm: torch.fx.GraphModule, region: Region) -> Optional[str]:
             mod = gm.get_submodule(node.target)
             return {id(t): f"{node.target}.{k}" for k, t in [*mod.named_parameters(), *mod.named_buffers()]}
         if node.op == "get_attr":
-            t = _fetch(gm, node.target)
+            t = fetch_attr(gm, node.target)
             return {id(t): str(node.target)} if isinstance(t, nn.Parameter) else {}
         return {}
 
