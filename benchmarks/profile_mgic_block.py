@@ -139,6 +139,7 @@ def op_table(blocks: dict[str, mt.MGICBlock], inputs: dict[str, torch.Tensor], r
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1, see README)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per block (default 7, --quick 2)")
     p.add_argument("--prototype", action="store_true", help="also time FastMGICBlock (benchmarks/fast_mgic_block.py)")
@@ -149,6 +150,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.batch = min(args.batch, 2)
     rounds = args.rounds or (2 if args.quick else 7)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    torch.set_num_threads(args.threads)
     started = load_line()
     print(f"# {machine_line()}; {started}", file=sys.stderr)
 
@@ -163,7 +165,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     fast = {}
     if args.prototype:
-        from fast_mgic_block import FastMGICBlock
+        from fast_mgic_block import FastMGICBlock, fold_bn_in_graph
         from torch.fx.experimental.optimization import fuse as fx_fuse
 
         fast = {n: FastMGICBlock.from_block(b).eval() for n, b in blocks.items()}
@@ -202,17 +204,31 @@ def main(argv: Optional[list[str]] = None) -> int:
     if fast:
         import copy
 
-        gm_fast = copy.deepcopy(gm)
-        for n, fb in fast.items():
-            gm_fast.set_submodule(n, copy.deepcopy(fb))
-        # the rest of both networks (stem, transition blocks, head) with BN folded too
-        gm_fast = fx_fuse(gm_fast)
-        net_orig_fused = fx_fuse(orig)
-        t = timeit({"orig": lambda: orig(x), "mgic": lambda: gm(x), "orig_fused": lambda: net_orig_fused(x),
-                    "fast": lambda: gm_fast(x)}, rounds)
-        net_rows.append(f"| whole network, batch {args.batch} | {1e3 * t['orig']:.1f} | {1e3 * t['mgic']:.1f} | "
-                        f"{t['mgic'] / t['orig']:.2f} | {1e3 * t['orig_fused']:.1f} | {1e3 * t['fast']:.1f} | "
-                        f"{t['fast'] / t['orig_fused']:.2f} | {t['fast'] / t['mgic']:.2f} |")
+        def with_blocks(**opts) -> nn.Module:
+            net = copy.deepcopy(gm)
+            for n, b in blocks.items():
+                net.set_submodule(n, FastMGICBlock.from_block(b, **opts))
+            # the rest of the network (stem, transition blocks, head) gets its BN folded too when fold=True
+            return fold_bn_in_graph(net) if opts.get("fold", True) else net
+
+        variants = {
+            "original": orig,
+            "original, BN folded (torch.fx fuse)": fx_fuse(orig),
+            "MGIC (package MGICBlock)": gm,
+            "MGIC + BN folding": with_blocks(fold=True, inplace=False, matmul_1x1=False),
+            "MGIC + in-place residual/correction": with_blocks(fold=False, inplace=True, matmul_1x1=False),
+            "MGIC + grouped 1x1 as matmul": with_blocks(fold=False, inplace=False, matmul_1x1=True),
+            "MGIC + all three (FastMGICBlock)": with_blocks(fold=True, inplace=True, matmul_1x1=True),
+        }
+        with torch.inference_mode():
+            ref = gm(x)
+            for k, net in variants.items():
+                if k.startswith("MGIC"):
+                    err = (net(x) - ref).abs().max().item() / ref.abs().max().item()
+                    assert err < 1e-4, f"{k}: rel. err {err:.2e}"
+        t = timeit({k: (lambda net=net: net(x)) for k, net in variants.items()}, rounds)
+        for k, v in t.items():
+            net_rows.append(f"| {k} | {1e3 * v:.1f} | {v / t['original']:.2f} | {v / t['MGIC (package MGICBlock)']:.2f} |")
 
     reps = 1 if args.quick else 3
     parts = part_table(blocks, inputs, reps)
@@ -232,12 +248,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         "",
         "| block | input (C, H, W) | level widths | original ms | MGIC ms | MGIC / orig |"
         + (" fast ms | fast / MGIC | orig BN-folded ms | fast / orig BN-folded |" if fast else ""),
-        "|---|---|---|--:|--:|--:|" + ("--:|--:|--:|" if fast else ""),
+        "|---|---|---|--:|--:|--:|" + ("--:|--:|--:|--:|" if fast else ""),
         *rows,
     ]
     if net_rows:
-        out += ["", "| network | original ms | MGIC ms | MGIC / orig | original BN-folded ms | fast MGIC ms | "
-                "fast / orig BN-folded | fast / MGIC |", "|---|--:|--:|--:|--:|--:|--:|--:|", *net_rows]
+        out += ["", f"## Whole network, batch {args.batch} (ablation: each change alone, then all; same outputs, "
+                "checked to 1e-4 relative)", "",
+                "| network | ms | / original | / MGIC |", "|---|--:|--:|--:|", *net_rows]
     out += ["", "## Per part (all 12 MGIC blocks, one network pass; profiler time, so slightly inflated)", "",
             "| part | ms | share |", "|---|--:|--:|", *parts,
             "", "## Per op (all 12 MGIC blocks, one network pass, by self CPU time)", "",
