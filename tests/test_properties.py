@@ -649,8 +649,7 @@ def test_weight_norm_conv_block_is_declined_with_a_reason(norm):
         assert "parametrized" in d.reason and "not supported" in d.reason
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="B25: reasons raised inside fx.Interpreter carry fx's multi-line 'While executing ...' note")
+# regression B25 (fixed in e547446): reasons raised inside fx.Interpreter carry fx's multi-line 'While executing ...' note
 @pytest.mark.parametrize("norm", sorted(_NORMS))
 def test_regression_skip_reasons_are_one_line(norm):
     torch.manual_seed(0)
@@ -797,8 +796,7 @@ class Tied(nn.Module):
         return self.c2(F.max_pool2d(x, 2))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="B24: only module sharing is detected; a tied parameter is kept by c2 and counted as saved")
+# regression B24 (fixed in e547446): only module sharing is detected; a tied parameter is kept by c2 and counted as saved
 def test_regression_tied_weights_block_is_declined():
     torch.manual_seed(0)
     model = Tied()
@@ -830,8 +828,7 @@ def test_shared_layer_scale_both_blocks_rewritten_or_both_kept():
     assert len({d.status for d in gm.meta["mgic"].blocks}) == 1
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="B24: a get_attr parameter shared with a block outside is copied, breaking the tie")
+# regression B24 (fixed in e547446): a get_attr parameter shared with a block outside is copied, breaking the tie
 def test_regression_shared_layer_scale_block_is_declined():
     torch.manual_seed(0)
     gm = check_transform(SharedScale(), torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=4, skip=["b"])
