@@ -643,7 +643,7 @@ def test_weight_norm_conv_block_is_declined_with_a_reason(norm):
     torch.manual_seed(0)
     model = Small()
     model.conv = _NORMS[norm](model.conv)
-    gm = check_transform(model, torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=4, one_line_reasons=False)
+    gm = check_transform(model, torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=4)
     (d,) = gm.meta["mgic"].blocks
     if not d.rewritten:  # re-instantiating the parametrization would be even better
         assert "parametrized" in d.reason and "not supported" in d.reason
