@@ -127,7 +127,9 @@ def run_one(name: str, builder, shape: tuple[int, ...], args: argparse.Namespace
     signal.alarm(args.timeout)
     try:
         torch.manual_seed(0)
-        model = builder()
+        # eval mode: shapes are compared in eval mode, and a forward() that branches on
+        # self.training (GoogLeNet's aux heads) is specialised to the mode mgicify sees
+        model = builder().eval()
         row.params_m = count_params(model) / 1e6
         x = torch.zeros(shape)
         # pass the input only where the default (inferred 1x3x224x224) would be wrong

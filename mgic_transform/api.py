@@ -232,6 +232,14 @@ def mgicify(
         warnings.warn(f"skip pattern(s) {unused} matched no block; module paths look like "
                       f"{[d.path for d in decisions[:3]]}", UserWarning, stacklevel=2)
     notes = []
+    if gm.meta.get("reads_training"):
+        where = ", ".join(repr(p or type(model).__name__) for p in gm.meta["reads_training"][:3])
+        mode = "train" if model.training else "eval"
+        note = (f"forward() of {where} reads self.training; torch.fx fixed it to {mode} mode, so the result always "
+                f"takes the {mode}-mode branch there. Transform model.{'eval' if mode == 'train' else 'train'}() for "
+                f"the other mode, or mark the module a leaf (leaf_modules=[...])")
+        notes.append(note)
+        warnings.warn(note, UserWarning, stacklevel=2)
     if not has_layers:
         notes.append("the model has no Conv or Linear layer: nothing to rewrite")
     elif not decisions:

@@ -45,6 +45,7 @@ class LeafTracer(torch.fx.Tracer):
         self._leaf_patterns = tuple(s for s in specs if isinstance(s, str))
         self._current_module: list[str] = []
         self.failed_in: Optional[str] = None  # innermost module whose forward raised
+        self.reads_training: list[str] = []  # traced-through modules whose forward reads self.training
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self._leaf_types and isinstance(m, self._leaf_types):
@@ -63,6 +64,8 @@ class LeafTracer(torch.fx.Tracer):
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
         self._current_module.append(self.path_of_module(m) if m is not self.root else "")
+        if not self.is_leaf_module(m, self._current_module[-1]) and _reads_training_flag(type(m)):
+            self.reads_training.append(self._current_module[-1])
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
@@ -139,4 +142,7 @@ def trace(
                 node.args = (value,)
     name = type(model).__name__
     gm = torch.fx.GraphModule(tracer.root, graph, name)
+    if _reads_training_flag(type(model)):
+        tracer.reads_training.insert(0, "")
+    gm.meta["reads_training"] = tuple(tracer.reads_training)
     return gm
