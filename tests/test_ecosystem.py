@@ -422,6 +422,15 @@ def test_regression_training_flag_is_not_frozen_at_trace_time(kind, traced_in):
     assert _switches(gm, x) == (True, True)
 
 
+def test_root_forward_reading_self_training_warns():
+    """Until B21 is fixed for the root module, the user is told that the mode is frozen, and how to get the other."""
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="self.training") as record:
+        mt.mgicify(Stochastic("dropout").train(), torch.randn(4, 3, 8, 8), group_size=4, coarsest_width=4)
+    msg = " ".join(str(w.message) for w in record if "self.training" in str(w.message))
+    assert "train mode" in msg and "eval()" in msg
+
+
 # --------------------------------------------------------------------------- dtype / memory format
 
 
