@@ -81,7 +81,8 @@ class BlockRow:
         module: attribute name of the ``MGICBlock`` in the transformed model.
         params_before: parameters of the block's layers in the original model (counted).
         params_after: parameters of the block in the transformed model (counted): the
-            ``MGICBlock`` when rewritten, the untouched layers otherwise.
+            ``MGICBlock`` when rewritten; equal to ``params_before`` for a block left alone
+            (a block nested inside it and rewritten on its own has its own row).
         analytic_params: the paper's formula (3.5) for this block, ``None`` when the
             compiler has no formula for it.
         flops_before: FLOPs of the block's layers in the original model (fvcore, 1 multiply-add = 1 FLOP);
@@ -309,9 +310,11 @@ def _block_row(d: BlockDecision, original: nn.Module, transformed: nn.Module, be
         params_after = count_params_of(transformed, (d.module,))
         flops_after = after.of((d.module,))
     else:
-        # a block left alone keeps its layers, under the same paths, in the GraphModule
-        params_after = count_params_of(transformed, layers)
-        flops_after = after.of(layers)
+        # A block left alone keeps its layers. Blocks nested in it may have been rewritten
+        # on their own (the reason says so); their rows carry that change, so this row
+        # shows the block unchanged and the rows add up to the model's totals.
+        params_after = params_before
+        flops_after = before.of(layers)
     return BlockRow(
         path=d.path,
         kind=d.kind,

@@ -232,7 +232,9 @@ def rewrite_blocks(gm: torch.fx.GraphModule, regions: Sequence[Region], *, group
             mgic, info = _build(gm, region, group_size=group_size, coarsest_width=coarsest_width, skip=skip,
                                 transitions=transitions, path=path, layers=layers, cd=cd, factory=factory)
         except _Decline as why:
-            decisions.append(BlockDecision(status=SKIPPED, reason=str(why), params_before=params_before[id(region)],
+            inner = sum(1 for d in decisions if d.rewritten and set(d.nodes) <= {n.name for n in region.nodes})
+            reason = str(why) + (f"; {inner} block(s) inside it rewritten on their own" if inner else "")
+            decisions.append(BlockDecision(status=SKIPPED, reason=reason, params_before=params_before[id(region)],
                                            **widths, **common))
             continue
         target = _target_for(gm, path, region, taken)
