@@ -369,7 +369,9 @@ def main(argv: list[str] | None = None) -> int:
         args.results_dir.mkdir(parents=True, exist_ok=True)
         png = args.results_dir / "function_approximation.png"
         md = args.results_dir / "function_approximation.md"
-        plot(rows, trivial, png, f"{family}\n{mg}, {args.epochs} epochs")
+        title = (f"a cos(bx) sin(cy), c in [{c_range[0]:g}, {c_range[1]:g}]"
+                 f"{'' if c_range == PAPER_C_RANGE else ' (paper: [10, 20])'}, {args.epochs} epochs\n{mg}")
+        plot(rows, trivial, png, title)
         cmd = "python examples/function_approximation.py " + " ".join(sys.argv[1:])
         md.write_text(
             "# Function approximation (paper Sec. 4.2): MobileNetV3 blocks vs mgicify()\n\n"
