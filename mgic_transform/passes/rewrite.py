@@ -37,10 +37,14 @@ class _Decline(Exception):
     """A block is left alone; the message is the reason shown in the report."""
 
 
-def _block_path(gm: torch.fx.GraphModule, region: Region) -> tuple[str, tuple[str, ...]]:
-    """Module path naming the block: its single channel-mixing layer, or its layers' common prefix."""
+def _block_path(modules: dict[str, nn.Module], region: Region) -> tuple[str, tuple[str, ...]]:
+    """Module path naming the block: its single channel-mixing layer, or its layers' common prefix.
+
+    ``modules`` are the model's modules before any rewrite: a unit declined after
+    blocks inside it were rewritten still names its original layers.
+    """
     layers = tuple(dict.fromkeys(str(n.target) for n in region.nodes if n.op == "call_module"))
-    mixing = [p for p in layers if is_channel_mixing(gm.get_submodule(p))]
+    mixing = [p for p in layers if is_channel_mixing(modules[p])]
     if len(mixing) == 1 or len(layers) == 1:
         return (mixing or layers)[0], layers
     prefix = common_prefix(list(layers))
@@ -218,7 +222,7 @@ def rewrite_blocks(gm: torch.fx.GraphModule, regions: Sequence[Region], *, group
     params_before = {id(r): _unique_params(gm, r) for r in regions}  # before any splice changes modules
     for region in regions:
         region.entry = replaced.get(region.entry, region.entry)
-        path, layers = _block_path(gm, region)
+        path, layers = _block_path(modules, region)
         cd = block_channel_dim(region.entry, region.nodes, modules)
         entry_shape, exit_shape = shape_of(region.entry), shape_of(region.exit)
         common = dict(path=path, kind=region.kind, layers=layers, nodes=tuple(n.name for n in region.nodes))
