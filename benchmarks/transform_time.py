@@ -107,17 +107,23 @@ def profile_breakdown(model: nn.Module, x: torch.Tensor, args: argparse.Namespac
     root = next(f for f in stats.stats if f[2] == "mgicify" and f[0].endswith("api.py"))  # type: ignore[attr-defined]
     total = stats.stats[root][3]  # type: ignore[attr-defined]
     lines = []
+
+    def descend(func: tuple, depth: int) -> None:
+        for sub, sct, snc in callees(stats, func)[:top]:
+            if sct < 0.02 * total:
+                break
+            if sct > stats.stats[func][3]:  # type: ignore[attr-defined]  # recursion (deepcopy) counts nested calls again
+                continue
+            lines.append(f"| {'&nbsp;&nbsp;' * depth}└ {_label(sub)} | {snc} | {sct:.2f} | {100 * sct / total:.1f}% |")
+            if sct > 0.10 * total and depth < 3:
+                descend(sub, depth + 1)
+
     for func, ct, nc in callees(stats, root):
         if ct < 0.01 * total:
             continue
         lines.append(f"| {_label(func)} | {nc} | {ct:.2f} | {100 * ct / total:.1f}% |")
         if ct > 0.10 * total:
-            for sub, sct, snc in callees(stats, func)[:top]:
-                if sct < 0.02 * total:
-                    break
-                if sct > ct:  # recursive functions (deepcopy) count their own nested calls again
-                    continue
-                lines.append(f"| &nbsp;&nbsp;└ {_label(sub)} | {snc} | {sct:.2f} | {100 * sct / total:.1f}% |")
+            descend(func, 1)
     return wall, lines
 
 
@@ -185,7 +191,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for d in args.profile_depths or depths[:1]:
             wall, lines = profile_breakdown(models[d], x, args)
             out += ["", f"## Where the time goes: {d} blocks (cProfile, one run, {wall:.2f} s under the profiler)", "",
-                    "| function (direct callees of mgicify; └ = their heaviest callees) | calls | cumulative s | share |",
+                    "| function (direct callees of mgicify; └ = heaviest callees, 3 levels down) | calls | cumulative s | share |",
                     "|---|--:|--:|--:|"] + lines
     md = "\n".join(out) + "\n"
     print(md)
