@@ -73,7 +73,8 @@ def _drop_unreferenced_tensors(gm: torch.fx.GraphModule) -> None:
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     for path, module in gm.named_modules():
-        if path in called or any(path.startswith(c + ".") for c in called):
+        parts = path.split(".") if path else []
+        if any(".".join(parts[:i]) in called for i in range(1, len(parts) + 1)):
             continue
         for name in [*module._parameters, *module._buffers]:
             full = f"{path}.{name}" if path else name

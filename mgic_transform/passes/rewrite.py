@@ -65,31 +65,43 @@ def _unique_params(gm: torch.fx.GraphModule, region: Region) -> int:
     return sum(seen.values())
 
 
-def _shared_weights(gm: torch.fx.GraphModule, region: Region) -> Optional[str]:
+def _node_tensors(gm: torch.fx.GraphModule, node: torch.fx.Node) -> dict[int, str]:
+    """The weights a node reads: a layer's parameters/buffers, or the parameter a ``get_attr`` fetches."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return {id(t): f"{node.target}.{k}" for k, t in [*mod.named_parameters(), *mod.named_buffers()]}
+    if node.op == "get_attr":
+        t = fetch_attr(gm, node.target)
+        return {id(t): str(node.target)} if isinstance(t, nn.Parameter) else {}
+    return {}
+
+
+def _weight_readers(gm: torch.fx.GraphModule) -> dict[int, list[tuple[torch.fx.Node, str]]]:
+    """For every weight, the nodes that read it (computed once, before any rewrite)."""
+    readers: dict[int, list[tuple[torch.fx.Node, str]]] = {}
+    for n in gm.graph.nodes:
+        for key, name in _node_tensors(gm, n).items():
+            readers.setdefault(key, []).append((n, name))
+    return readers
+
+
+def _shared_weights(gm: torch.fx.GraphModule, region: Region,
+                    readers: dict[int, list[tuple[torch.fx.Node, str]]]) -> Optional[str]:
     """A weight the block shares with code outside it (a layer called twice, tied weights, a shared scale)."""
     inside = set(region.nodes)
-
-    def tensors(node: torch.fx.Node) -> dict[int, str]:
-        if node.op == "call_module":
-            mod = gm.get_submodule(node.target)
-            return {id(t): f"{node.target}.{k}" for k, t in [*mod.named_parameters(), *mod.named_buffers()]}
-        if node.op == "get_attr":
-            t = fetch_attr(gm, node.target)
-            return {id(t): str(node.target)} if isinstance(t, nn.Parameter) else {}
-        return {}
-
     mine: dict[int, str] = {}
     for n in region.nodes:
-        mine.update(tensors(n))
+        mine.update(_node_tensors(gm, n))
         for a in n.all_input_nodes:
             if a.op == "get_attr":
-                mine.update(tensors(a))
-    for n in gm.graph.nodes:
-        if n in inside or n.op not in ("call_module", "get_attr") or all(u in inside for u in n.users) and n.users:
-            continue
-        for key, name in tensors(n).items():
-            if key in mine:
-                return f"{mine[key]!r} is shared with {name!r} outside the block (tied weights)"
+                mine.update(_node_tensors(gm, a))
+    for key, name in mine.items():
+        for node, other in readers.get(key, ()):
+            if getattr(node, "_erased", False):  # went with a block rewritten earlier
+                continue
+            used_inside = node in inside or (node.op == "get_attr" and node.users and all(u in inside for u in node.users))
+            if not used_inside:
+                return f"{name!r} is shared with {other!r} outside the block (tied weights)"
     return None
 
 
@@ -114,7 +126,7 @@ def _connector(c_in: int, c_out: int, in_shape: torch.Size, out_shape: torch.Siz
 
 def _build(gm: torch.fx.GraphModule, region: Region, *, group_size: int, coarsest_width: int,
            skip: Sequence[str], transitions: bool, path: str, layers: tuple[str, ...], cd: int,
-           factory: VariantFactory) -> tuple[MGICBlock, dict]:
+           factory: VariantFactory, readers: dict) -> tuple[MGICBlock, dict]:
     entry_shape, exit_shape = shape_of(region.entry), shape_of(region.exit)
     c_in, c_out = entry_shape[cd], exit_shape[cd]
     for pattern in skip:
@@ -126,7 +138,7 @@ def _build(gm: torch.fx.GraphModule, region: Region, *, group_size: int, coarses
     widths = level_widths(c_out, coarsest_width)
     if len(widths) == 1:
         raise _Decline(f"width {c_out} is not wider than coarsest_width={coarsest_width}")
-    shared = _shared_weights(gm, region)
+    shared = _shared_weights(gm, region, readers)
     if shared:
         raise _Decline(shared)
     groups = level_groups(widths, group_size)
@@ -185,19 +197,27 @@ def _build(gm: torch.fx.GraphModule, region: Region, *, group_size: int, coarses
     return mgic, info
 
 
-def _target_for(gm: torch.fx.GraphModule, path: str, region: Region, taken: set[str]) -> str:
+def _by_prefix(gm: torch.fx.GraphModule) -> dict[str, list[torch.fx.Node]]:
+    """``call_module``/``get_attr`` nodes under every module path prefix (``"layer1"``, ``"layer1.0"`` ...)."""
+    index: dict[str, list[torch.fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op in ("call_module", "get_attr"):
+            parts = str(n.target).split(".")
+            for i in range(1, len(parts) + 1):
+                index.setdefault(".".join(parts[:i]), []).append(n)
+    return index
+
+
+def _target_for(gm: torch.fx.GraphModule, path: str, region: Region, taken: set[str],
+                by_prefix: dict[str, list[torch.fx.Node]]) -> str:
     """The block's own module path when it owns that module outright, else a fresh attribute name."""
     inside = set(region.nodes)
-    if path and ".." not in path and path not in taken:
-        try:
-            gm.get_submodule(path)
-            owned = all(
-                n in inside if n.op == "call_module" else all(u in inside for u in n.users)
-                for n in gm.graph.nodes
-                if n.op in ("call_module", "get_attr") and (n.target == path or str(n.target).startswith(path + "."))
-            )
-        except AttributeError:
-            owned = False
+    if path and ".." not in path and path not in taken and path in by_prefix:
+        owned = all(
+            n in inside if n.op == "call_module" else all(u in inside for u in n.users)
+            for n in by_prefix[path]
+            if not getattr(n, "_erased", False)
+        )
         if owned:
             return path
     base = (path.replace("..", "_to_").replace(".", "_") or "block") + "_mgic"
@@ -220,6 +240,8 @@ def rewrite_blocks(gm: torch.fx.GraphModule, regions: Sequence[Region], *, group
     modules = dict(gm.named_modules())
     factory = VariantFactory()
     params_before = {id(r): _unique_params(gm, r) for r in regions}  # before any splice changes modules
+    readers = _weight_readers(gm)
+    by_prefix = _by_prefix(gm)
     for region in regions:
         region.entry = replaced.get(region.entry, region.entry)
         path, layers = _block_path(modules, region)
@@ -234,14 +256,15 @@ def rewrite_blocks(gm: torch.fx.GraphModule, regions: Sequence[Region], *, group
                       channel_dim=-1 if cd == len(entry_shape) - 1 and cd > 1 else cd)
         try:
             mgic, info = _build(gm, region, group_size=group_size, coarsest_width=coarsest_width, skip=skip,
-                                transitions=transitions, path=path, layers=layers, cd=cd, factory=factory)
+                                transitions=transitions, path=path, layers=layers, cd=cd, factory=factory,
+                                readers=readers)
         except _Decline as why:
             inner = sum(1 for d in decisions if d.rewritten and set(d.nodes) <= {n.name for n in region.nodes})
             reason = str(why) + (f"; {inner} block(s) inside it rewritten on their own" if inner else "")
             decisions.append(BlockDecision(status=SKIPPED, reason=reason, params_before=params_before[id(region)],
                                            **widths, **common))
             continue
-        target = _target_for(gm, path, region, taken)
+        target = _target_for(gm, path, region, taken, by_prefix)
         taken.add(target)
         replaced[region.exit] = _splice(gm, region, target, mgic)
         decisions.append(BlockDecision(status=REWRITTEN, reason=None, module=target, **widths, **info, **common))
