@@ -239,13 +239,15 @@ def rewrite_blocks(gm: torch.fx.GraphModule, regions: Sequence[Region], *, group
     replaced: dict[torch.fx.Node, torch.fx.Node] = {}  # exit of a rewritten block -> its MGICBlock node
     modules = dict(gm.named_modules())
     factory = VariantFactory()
-    params_before = {id(r): _unique_params(gm, r) for r in regions}  # before any splice changes modules
+    # read off before any splice changes modules or erases nodes (a declined unit may hold rewritten blocks)
+    params_before = {id(r): _unique_params(gm, r) for r in regions}
+    channel_dims = {id(r): block_channel_dim(r.entry, r.nodes, modules) for r in regions}
     readers = _weight_readers(gm)
     by_prefix = _by_prefix(gm)
     for region in regions:
         region.entry = replaced.get(region.entry, region.entry)
         path, layers = _block_path(modules, region)
-        cd = block_channel_dim(region.entry, region.nodes, modules)
+        cd = channel_dims[id(region)]
         entry_shape, exit_shape = shape_of(region.entry), shape_of(region.exit)
         common = dict(path=path, kind=region.kind, layers=layers, nodes=tuple(n.name for n in region.nodes))
         if cd is None:
