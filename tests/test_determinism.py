@@ -19,18 +19,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 import mgic_transform as mt
 from test_properties import MOBILE_SE, TRANSITION, RandomCNN, cnn_specs, example_input
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two shared cores: one intra-op thread avoids oversubscription (restored for other test files)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 SPEC = (2, 3, 32, (("residual", 32, 32, 3, 1, True), ("se", 32, 8, 3), ("invres", 32, 64, 3, True),
                    ("gate", 32, 3), ("concat", 32, 16, 3)), 5)

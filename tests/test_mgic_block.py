@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import mgic_transform as mt
-from mgic_transform.hierarchy import analytic_params, level_groups, level_widths, transfer_groups
+from mgic_transform.hierarchy import level_groups, level_widths, transfer_groups
 from mgic_transform.nn import MGICBlock
 from mgic_transform.nn.transfer import GroupedLinear, make_residual_norm, make_transfer
 

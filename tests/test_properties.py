@@ -35,13 +35,7 @@ import mgic_transform as mt
 from mgic_transform.hierarchy import level_groups, level_widths, transfer_groups
 from mgic_transform.nn import MGICBlock
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two shared cores: one intra-op thread avoids oversubscription (restored for other test files)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 SETTINGS = settings(
     max_examples=30,
