@@ -7,6 +7,7 @@
 
 from .api import mgicify
 from .errors import MGICError
+from .inference import fold_batchnorm
 from .nn.mgic_block import MGICBlock
 from .plan import BlockDecision, MGICPlan
 
@@ -15,5 +16,5 @@ try:  # the report lands separately; keep the core importable without it
 except ImportError:  # pragma: no cover
     pass
 
-__all__ = ["mgicify", "compare", "Report", "MGICBlock", "MGICError", "MGICPlan", "BlockDecision"]
+__all__ = ["mgicify", "compare", "fold_batchnorm", "Report", "MGICBlock", "MGICError", "MGICPlan", "BlockDecision"]
 __version__ = "0.1.0"

@@ -1,0 +1,38 @@
+"""fold_batchnorm: same outputs in eval mode, BatchNorms gone, input untouched."""
+
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import mgic_transform as mt
+from custom_models import CUSTOM_MODELS
+
+
+def _count_bn(model):
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobile_se", "pointnet", "residual_mlp"])
+def test_fold_batchnorm_keeps_outputs(name):
+    torch.manual_seed(0)
+    if name == "resnet18":
+        model, x, sg, sc = torchvision.models.resnet18(), torch.randn(2, 3, 64, 64), 32, 64
+    else:
+        ctor, shape, sg, sc = CUSTOM_MODELS[name]
+        model, x = ctor(), torch.randn(*shape)
+    gm = mt.mgicify(model, x, group_size=sg, coarsest_width=sc)
+    gm.train()
+    for _ in range(2):  # give the BatchNorms non-trivial running statistics
+        gm(x)
+    gm.eval()
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    folded = mt.fold_batchnorm(gm)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), gm(x), rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())  # input untouched
+    if name != "residual_mlp":  # channels-last Linear blocks have no conv -> bn pairs
+        assert _count_bn(folded) < _count_bn(gm)
+    folded_blocks = [m for m in folded.modules() if isinstance(m, mt.MGICBlock)]
+    assert len(folded_blocks) == len(gm.meta["mgic"].rewritten)
