@@ -18,6 +18,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from models import resnet56  # noqa: E402  (CIFAR ResNet-56 of He et al., shared with the examples)
 
 
+class Tiny(nn.Module):
+    """stem -> one residual unit (rewritable with group_size=4, coarsest_width=4) -> head."""
+
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.head = nn.Linear(c, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.bn(self.conv(x))
+        return self.head(x.mean((2, 3)))
+
+
 class PlainVGG(nn.Sequential):
     """A VGG-style nn.Sequential without residuals (conv-bn-relu, equal widths within a stage)."""
 

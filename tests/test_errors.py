@@ -16,24 +16,9 @@ from torch import nn
 
 import mgic_transform as mt
 from mgic_transform.errors import ConfigError, InputError, TraceError
+from custom_models import Tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-class Tiny(nn.Module):
-    """stem -> one residual unit (rewritable with group_size=4, coarsest_width=4) -> head."""
-
-    def __init__(self, c: int = 16) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, c, 3, padding=1)
-        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(c)
-        self.head = nn.Linear(c, 4)
-
-    def forward(self, x):
-        x = self.stem(x)
-        x = x + self.bn(self.conv(x))
-        return self.head(x.mean((2, 3)))
 
 
 class DataDependent(Tiny):

@@ -34,6 +34,7 @@ from torch import nn
 import mgic_transform as mt
 from mgic_transform.hierarchy import level_groups, level_widths, transfer_groups
 from mgic_transform.nn import MGICBlock
+from custom_models import Tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -601,22 +602,6 @@ def test_regression_unet_skip_does_not_hide_the_inner_layers():
     assert {"mid.0.0", "mid.1.0"} <= {d.path for d in gm.meta["mgic"].rewritten}, gm.meta["mgic"].blocks
 
 
-class Small(nn.Module):
-    """stem conv + one equal-width conv layer (``conv``) + head: the unit of the layer-level regressions."""
-
-    def __init__(self, c=16):
-        super().__init__()
-        self.stem = nn.Conv2d(3, c, 3, padding=1)
-        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(c)
-        self.head = nn.Linear(c, 4)
-
-    def forward(self, x):
-        x = self.stem(x)
-        x = x + self.bn(self.conv(x))
-        return self.head(x.mean((2, 3)))
-
-
 _NORMS = {
     "weight_norm": nn.utils.parametrizations.weight_norm,
     "spectral_norm": nn.utils.parametrizations.spectral_norm,
@@ -626,7 +611,7 @@ _NORMS = {
 def test_small_control_is_rewritten():
     """The control for B17, B18, B20: the plain model is rewritten and passes every property."""
     torch.manual_seed(0)
-    gm = check_transform(Small(), torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=4)
+    gm = check_transform(Tiny(), torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=4)
     assert [d.path for d in gm.meta["mgic"].rewritten] == ["conv"]
 
 
@@ -635,7 +620,7 @@ def test_small_control_is_rewritten():
 @pytest.mark.parametrize("norm", sorted(_NORMS))
 def test_weight_norm_conv_block_is_declined_with_a_reason(norm):
     torch.manual_seed(0)
-    model = Small()
+    model = Tiny()
     model.conv = _NORMS[norm](model.conv)
     gm = check_transform(model, torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=4)
     (d,) = gm.meta["mgic"].blocks
@@ -647,7 +632,7 @@ def test_weight_norm_conv_block_is_declined_with_a_reason(norm):
 @pytest.mark.parametrize("norm", sorted(_NORMS))
 def test_regression_skip_reasons_are_one_line(norm):
     torch.manual_seed(0)
-    model = Small()
+    model = Tiny()
     model.conv = _NORMS[norm](model.conv)
     gm = mt.mgicify(model, torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=4)
     for d in gm.meta["mgic"].skipped:
@@ -657,7 +642,7 @@ def test_regression_skip_reasons_are_one_line(norm):
 # regression B18 (fixed in 3afb777): fresh layers copy requires_grad=False from the frozen layer they replace
 def test_regression_frozen_layers_do_not_become_frozen_random_weights():
     torch.manual_seed(0)
-    model = Small()
+    model = Tiny()
     model.stem.requires_grad_(False)
     model.conv.requires_grad_(False)
     gm = mt.mgicify(model, torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=4)
@@ -670,7 +655,7 @@ def test_regression_frozen_layers_do_not_become_frozen_random_weights():
 # regression B20 (fixed in 3afb777): hooks run on meta tensors during the analysis and are copied onto every level
 def test_regression_user_hooks_are_not_run_by_the_analysis_nor_copied_to_new_layers():
     torch.manual_seed(0)
-    model = Small()
+    model = Tiny()
     calls = []
     model.stem.register_forward_hook(lambda mod, args, out: calls.append(("stem", out.device.type)))
     model.conv.register_forward_hook(lambda mod, args, out: calls.append(("conv", out.device.type)))
@@ -685,7 +670,7 @@ def test_regression_user_hooks_are_not_run_by_the_analysis_nor_copied_to_new_lay
 def test_hook_that_reads_values_does_not_stop_the_rewrite():
     """B20, the visible symptom: a statistics hook on a layer inside a block."""
     torch.manual_seed(0)
-    model = Small()
+    model = Tiny()
     stats = []
     model.stem.register_forward_hook(lambda mod, args, out: stats.append(out.abs().mean().item()))
     gm = mt.mgicify(model, torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=4)
@@ -695,7 +680,7 @@ def test_hook_that_reads_values_does_not_stop_the_rewrite():
 # regression B20 (fixed in 3afb777): a value-reading hook on a layer inside the block fails on meta tensors
 def test_regression_hook_inside_the_block_that_reads_values():
     torch.manual_seed(0)
-    model = Small()
+    model = Tiny()
     stats = []
     model.conv.register_forward_hook(lambda mod, args, out: stats.append(out.abs().mean().item()))
     gm = mt.mgicify(model, torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=4)
