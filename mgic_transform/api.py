@@ -31,12 +31,9 @@ def infer_example_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
     """
     for m in model.modules():
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            nd = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(m)] if type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) else 2
-            for cls, d in ((nn.Conv1d, 1), (nn.Conv2d, 2), (nn.Conv3d, 3)):
-                if isinstance(m, cls):
-                    nd = d
             p = next(m.parameters())
-            return (torch.zeros(1, m.in_channels, *_DEFAULT_SPATIAL[nd], dtype=p.dtype, device=p.device),)
+            spatial = _DEFAULT_SPATIAL[len(m.kernel_size)]
+            return (torch.zeros(1, m.in_channels, *spatial, dtype=p.dtype, device=p.device),)
         if isinstance(m, nn.Linear):
             p = m.weight
             return (torch.zeros(1, m.in_features, dtype=p.dtype, device=p.device),)

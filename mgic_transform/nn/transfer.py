@@ -19,8 +19,8 @@ from torch import nn
 
 __all__ = ["GroupedLinear", "ChannelBatchNorm", "make_transfer", "make_residual_norm", "init_transfer_"]
 
-_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+CONV_BY_DIMS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+BN_BY_DIMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 
 class GroupedLinear(nn.Module):
@@ -82,7 +82,7 @@ def make_transfer(in_ch: int, out_ch: int, groups: int, *, spatial_dims: int, ch
     if channels_last or spatial_dims == 0:
         op: nn.Module = GroupedLinear(in_ch, out_ch, groups, bias=False, **kw)
     else:
-        op = _CONV[spatial_dims](in_ch, out_ch, 1, groups=groups, bias=False, **kw)
+        op = CONV_BY_DIMS[spatial_dims](in_ch, out_ch, 1, groups=groups, bias=False, **kw)
     init_transfer_(op.weight, in_ch // groups)
     return op
 
@@ -93,4 +93,4 @@ def make_residual_norm(channels: int, *, spatial_dims: int, channels_last: bool,
     kw = {"device": like.device, "dtype": like.dtype} if like is not None else {}
     if channels_last:
         return ChannelBatchNorm(channels, **kw)
-    return _BN[max(spatial_dims, 1)](channels, **kw)
+    return BN_BY_DIMS[max(spatial_dims, 1)](channels, **kw)

@@ -20,7 +20,7 @@ from torch import nn
 from .._modcopy import fetch_attr
 from ..hierarchy import analytic_params, level_groups, level_widths, transfer_groups
 from ..nn.mgic_block import MGICBlock
-from ..nn.transfer import GroupedLinear, make_residual_norm, make_transfer
+from ..nn.transfer import BN_BY_DIMS, CONV_BY_DIMS, GroupedLinear, make_residual_norm, make_transfer
 from ..nn.variants import LevelSpec, VariantError, VariantFactory, common_prefix, extract_block
 from ..plan import REWRITTEN, SKIPPED, BlockDecision
 from .blocks import Region
@@ -29,8 +29,6 @@ from .shapes import shape_of
 
 __all__ = ["rewrite_blocks"]
 
-_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 
 class _Decline(Exception):
@@ -120,8 +118,8 @@ def _connector(c_in: int, c_out: int, in_shape: torch.Size, out_shape: torch.Siz
         if (a + s - 1) // s != b:
             raise _Decline(f"cannot build a strided connector from spatial size {tuple(in_shape[2:])} to {tuple(out_shape[2:])}")
         strides.append(s)
-    conv = _CONV[spatial](c_in, c_out, 3, stride=tuple(strides), padding=1, groups=math.gcd(c_in, c_out), bias=False, **kw)
-    return nn.Sequential(conv, _BN[spatial](c_out, **kw))
+    conv = CONV_BY_DIMS[spatial](c_in, c_out, 3, stride=tuple(strides), padding=1, groups=math.gcd(c_in, c_out), bias=False, **kw)
+    return nn.Sequential(conv, BN_BY_DIMS[spatial](c_out, **kw))
 
 
 def _build(gm: torch.fx.GraphModule, region: Region, *, group_size: int, coarsest_width: int,
