@@ -13,20 +13,24 @@ transformed network:
    correction add;
 3. **per op**: ``torch.profiler`` key_averages over all MGICBlocks, by self CPU time.
 
-With ``--prototype`` it also times :class:`FastMGICBlock` (``fast_mgic_block.py``
-beside this file), a benchmark-only re-implementation with the same math, on
-every block and on the whole network.
+With ``--ablation`` it also times, per block and for the whole network, the
+package's inference options against the block as it was first written
+(:class:`BaselineMGICBlock` below: grouped 1x1 convolutions as ``nn.Conv2d``,
+out-of-place residual and correction): each speed change alone, both, and
+``mgic_transform.fold_batchnorm`` on top, beside the original network with its
+BatchNorms folded (the fair baseline for folding).
 
 Usage::
 
     python benchmarks/profile_mgic_block.py              # batch 8, NCHW
-    python benchmarks/profile_mgic_block.py --channels-last --prototype
+    python benchmarks/profile_mgic_block.py --channels-last --ablation
     python benchmarks/profile_mgic_block.py --quick
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import sys
 import time
@@ -43,12 +47,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import code_version, load_line, machine_line, median  # noqa: E402
 
 import mgic_transform as mt  # noqa: E402
+from mgic_transform.nn.mgic_block import _writable  # noqa: E402
+from mgic_transform.nn.transfer import CONV_BY_DIMS, POINTWISE_BY_DIMS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def instrumented_forward(block: mt.MGICBlock, x: torch.Tensor) -> torch.Tensor:
-    """``MGICBlock.forward`` with a profiler label around every part (same math, same order)."""
+    """``MGICBlock.forward`` with a profiler label around every part (same math, same order, same in-place ops)."""
     if block.connector is not None:
         with record_function("part: connector"):
             x = block.connector(x)
@@ -61,16 +67,62 @@ def instrumented_forward(block: mt.MGICBlock, x: torch.Tensor) -> torch.Tensor:
     for j in range(len(block.restrict) - 1, -1, -1):
         restricted = xs.pop()
         with record_function("part: residual y - Rx"):
-            r = y - restricted
+            r = y.sub_(restricted) if _writable(y, restricted) else y - restricted
+        del y, restricted
         with record_function("part: prolong P"):
             r = block.prolong[j](r)
         with record_function("part: norm N"):
             r = block.norms[j](r)
         with record_function("part: correction add"):
-            y = xs[-1] + r
+            y = r.add_(xs[-1]) if _writable(r, xs[-1]) else xs[-1] + r
+        del r
         with record_function("part: fine level (grouped)"):
             y = block.levels[j](y)
     return y
+
+
+class BaselineMGICBlock(mt.MGICBlock):
+    """The block as first written (commit ae76e27), for the ablation: out-of-place residual and correction."""
+
+    def __init__(self, block: mt.MGICBlock, *, inplace: bool, matmul_1x1: bool) -> None:
+        super().__init__(list(block.levels), list(block.restrict), list(block.prolong), list(block.norms), block.connector)
+        self.inplace = inplace
+        if not matmul_1x1:
+            plain_pointwise_convs(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inplace:
+            return super().forward(x)
+        if self.connector is not None:
+            x = self.connector(x)
+        xs = [x]
+        for restrict in self.restrict:
+            xs.append(restrict(xs[-1]))
+        y = self.levels[-1](xs[-1])
+        for j in range(len(self.restrict) - 1, -1, -1):
+            restricted = xs.pop()
+            y = xs[-1] + self.norms[j](self.prolong[j](y - restricted))
+            y = self.levels[j](y)
+        return y
+
+
+def plain_pointwise_convs(module: nn.Module) -> nn.Module:
+    """Swap every :class:`~mgic_transform.nn.transfer.PointwiseConv2d` (in place) for the ``nn.Conv2d`` it computes."""
+    for name, m in list(module.named_modules()):
+        if type(m) in POINTWISE_BY_DIMS.values():
+            conv = CONV_BY_DIMS[len(m.kernel_size)](m.in_channels, m.out_channels, 1, groups=m.groups, bias=m.bias is not None)
+            conv.load_state_dict(m.state_dict())
+            module.set_submodule(name, conv.train(m.training))
+    return module
+
+
+def with_blocks(gm: nn.Module, **opts: bool) -> nn.Module:
+    """A copy of ``gm`` whose MGIC blocks are :class:`BaselineMGICBlock` with ``opts``."""
+    net = copy.deepcopy(gm)
+    for n, b in list(net.named_modules()):
+        if isinstance(b, mt.MGICBlock):
+            net.set_submodule(n, BaselineMGICBlock(b, **opts))
+    return net
 
 
 def block_inputs(gm: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -142,7 +194,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1, see README)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per block (default 7, --quick 2)")
-    p.add_argument("--prototype", action="store_true", help="also time FastMGICBlock (benchmarks/fast_mgic_block.py)")
+    p.add_argument("--ablation", action="store_true",
+                   help="also time the block as first written, each speed change alone, and mt.fold_batchnorm")
     p.add_argument("--quick", action="store_true", help="batch 2, 2 rounds")
     p.add_argument("--write", action="store_true", help="write benchmarks/results/profile_mgic_block[_channels_last].md")
     args = p.parse_args(argv)
@@ -163,72 +216,60 @@ def main(argv: Optional[list[str]] = None) -> int:
     inputs = block_inputs(gm, x)
     blocks = {n: m for n, m in gm.named_modules() if isinstance(m, mt.MGICBlock)}
 
-    fast = {}
-    if args.prototype:
-        from fast_mgic_block import FastMGICBlock, fold_bn_in_graph
+    variants: dict[str, nn.Module] = {}
+    if args.ablation:
         from torch.fx.experimental.optimization import fuse as fx_fuse
-
-        fast = {n: FastMGICBlock.from_block(b).eval() for n, b in blocks.items()}
-        orig_fused = {n: fx_fuse(orig.get_submodule(n)) for n in blocks}  # BN folded, for a fair comparison
-        with torch.inference_mode():
-            for n, b in blocks.items():
-                ref, got = b(inputs[n]), fast[n](inputs[n])
-                err = (ref - got).abs().max().item() / ref.abs().max().item()
-                assert err < 1e-4, f"FastMGICBlock differs from MGICBlock at {n}: rel. err {err:.2e}"
-
-    rows = []
-    totals: dict[str, float] = defaultdict(float)
-    for n, b in blocks.items():
-        xin = inputs[n]
-        fns = {"orig": lambda ob=orig.get_submodule(n), xin=xin: ob(xin), "mgic": lambda b=b, xin=xin: b(xin)}
-        if fast:
-            fns["fast"] = lambda fb=fast[n], xin=xin: fb(xin)
-            fns["orig_fused"] = lambda ob=orig_fused[n], xin=xin: ob(xin)
-        t = timeit(fns, rounds)
-        for k, v in t.items():
-            totals[k] += v
-        lv = "/".join(str(lvl) for lvl in gm.meta["mgic"].rewritten[[d.module for d in gm.meta["mgic"].rewritten].index(n)].levels)
-        row = f"| {n} | {tuple(xin.shape[1:])} | {lv} | {1e3 * t['orig']:.2f} | {1e3 * t['mgic']:.2f} | {t['mgic'] / t['orig']:.2f} |"
-        if fast:
-            row += (f" {1e3 * t['fast']:.2f} | {t['fast'] / t['mgic']:.2f} | {1e3 * t['orig_fused']:.2f} | "
-                    f"{t['fast'] / t['orig_fused']:.2f} |")
-        rows.append(row)
-        print(row, file=sys.stderr, flush=True)
-    tot = f"| **sum** | | | {1e3 * totals['orig']:.1f} | {1e3 * totals['mgic']:.1f} | {totals['mgic'] / totals['orig']:.2f} |"
-    if fast:
-        tot += (f" {1e3 * totals['fast']:.1f} | {totals['fast'] / totals['mgic']:.2f} | {1e3 * totals['orig_fused']:.1f} | "
-                f"{totals['fast'] / totals['orig_fused']:.2f} |")
-    rows.append(tot)
-
-    net_rows = []
-    if fast:
-        import copy
-
-        def with_blocks(**opts) -> nn.Module:
-            net = copy.deepcopy(gm)
-            for n, b in blocks.items():
-                net.set_submodule(n, FastMGICBlock.from_block(b, **opts))
-            # the rest of the network (stem, transition blocks, head) gets its BN folded too when fold=True
-            return fold_bn_in_graph(net) if opts.get("fold", True) else net
 
         variants = {
             "original": orig,
             "original, BN folded (torch.fx fuse)": fx_fuse(orig),
-            "MGIC (package MGICBlock)": gm,
-            "MGIC + BN folding": with_blocks(fold=True, inplace=False, matmul_1x1=False),
-            "MGIC + in-place residual/correction": with_blocks(fold=False, inplace=True, matmul_1x1=False),
-            "MGIC + grouped 1x1 as matmul": with_blocks(fold=False, inplace=False, matmul_1x1=True),
-            "MGIC + all three (FastMGICBlock)": with_blocks(fold=True, inplace=True, matmul_1x1=True),
+            "MGIC baseline (ae76e27: nn.Conv2d 1x1, out of place)": with_blocks(gm, inplace=False, matmul_1x1=False),
+            "MGIC baseline + grouped 1x1 as matmul": with_blocks(gm, inplace=False, matmul_1x1=True),
+            "MGIC baseline + in-place residual/correction": with_blocks(gm, inplace=True, matmul_1x1=False),
+            "MGIC (package: both)": gm,
+            "MGIC + mt.fold_batchnorm": mt.fold_batchnorm(gm),
         }
         with torch.inference_mode():
             ref = gm(x)
             for k, net in variants.items():
                 if k.startswith("MGIC"):
                     err = (net(x) - ref).abs().max().item() / ref.abs().max().item()
-                    assert err < 1e-4, f"{k}: rel. err {err:.2e}"
+                    if err > 1e-4:
+                        raise SystemExit(f"{k} differs from the package MGIC network: relative error {err:.2e}")
+
+    base = "MGIC baseline (ae76e27: nn.Conv2d 1x1, out of place)"
+    per_block = {"orig": orig, "mgic": gm}
+    if variants:
+        per_block.update(baseline=variants[base], orig_folded=variants["original, BN folded (torch.fx fuse)"],
+                         folded=variants["MGIC + mt.fold_batchnorm"])
+    rows = []
+    totals: dict[str, float] = defaultdict(float)
+    for n, b in blocks.items():
+        xin = inputs[n]
+        fns = {k: (lambda m=net.get_submodule(n), xin=xin: m(xin)) for k, net in per_block.items()}
+        t = timeit(fns, rounds)
+        for k, v in t.items():
+            totals[k] += v
+        t = {k: 1e3 * v for k, v in t.items()}
+        lv = "/".join(str(lvl) for lvl in gm.meta["mgic"].rewritten[[d.module for d in gm.meta["mgic"].rewritten].index(n)].levels)
+        row = f"| {n} | {tuple(xin.shape[1:])} | {lv} | {t['orig']:.2f} | {t['mgic']:.2f} | {t['mgic'] / t['orig']:.2f} |"
+        if variants:
+            row += (f" {t['baseline']:.2f} | {t['mgic'] / t['baseline']:.2f} | {t['orig_folded']:.2f} | {t['folded']:.2f} | "
+                    f"{t['folded'] / t['orig_folded']:.2f} |")
+        rows.append(row)
+        print(row, file=sys.stderr, flush=True)
+    t = {k: 1e3 * v for k, v in totals.items()}
+    tot = f"| **sum** | | | {t['orig']:.1f} | {t['mgic']:.1f} | {t['mgic'] / t['orig']:.2f} |"
+    if variants:
+        tot += (f" {t['baseline']:.1f} | {t['mgic'] / t['baseline']:.2f} | {t['orig_folded']:.1f} | {t['folded']:.1f} | "
+                f"{t['folded'] / t['orig_folded']:.2f} |")
+    rows.append(tot)
+
+    net_rows = []
+    if variants:
         t = timeit({k: (lambda net=net: net(x)) for k, net in variants.items()}, rounds)
         for k, v in t.items():
-            net_rows.append(f"| {k} | {1e3 * v:.1f} | {v / t['original']:.2f} | {v / t['MGIC (package MGICBlock)']:.2f} |")
+            net_rows.append(f"| {k} | {1e3 * v:.1f} | {v / t['original']:.2f} | {v / t[base]:.2f} |")
 
     reps = 1 if args.quick else 3
     parts = part_table(blocks, inputs, reps)
@@ -247,14 +288,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         "## Per block",
         "",
         "| block | input (C, H, W) | level widths | original ms | MGIC ms | MGIC / orig |"
-        + (" fast ms | fast / MGIC | orig BN-folded ms | fast / orig BN-folded |" if fast else ""),
-        "|---|---|---|--:|--:|--:|" + ("--:|--:|--:|--:|" if fast else ""),
+        + (" baseline MGIC ms | MGIC / baseline | orig BN-folded ms | MGIC folded ms | folded / orig folded |"
+           if variants else ""),
+        "|---|---|---|--:|--:|--:|" + ("--:|--:|--:|--:|--:|" if variants else ""),
         *rows,
     ]
     if net_rows:
-        out += ["", f"## Whole network, batch {args.batch} (ablation: each change alone, then all; same outputs, "
-                "checked to 1e-4 relative)", "",
-                "| network | ms | / original | / MGIC |", "|---|--:|--:|--:|", *net_rows]
+        out += ["", f"## Whole network, batch {args.batch} (ablation: each change alone, then both, then BN folding; "
+                "same outputs, checked to 1e-4 relative)", "",
+                "| network | ms | / original | / MGIC baseline |", "|---|--:|--:|--:|", *net_rows]
     out += ["", "## Per part (all 12 MGIC blocks, one network pass; profiler time, so slightly inflated)", "",
             "| part | ms | share |", "|---|--:|--:|", *parts,
             "", "## Per op (all 12 MGIC blocks, one network pass, by self CPU time)", "",

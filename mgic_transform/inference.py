@@ -17,9 +17,13 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .nn.mgic_block import MGICBlock
+from .nn.transfer import POINTWISE_BY_DIMS
 from .passes.channels import CONV_TYPES
 
 __all__ = ["fold_batchnorm"]
+
+# Exact types: a user's conv subclass may do more in forward() than the folded weights know of.
+_FOLDABLE = (*CONV_TYPES, *POINTWISE_BY_DIMS.values())
 
 def _fold_graph(gm: torch.fx.GraphModule) -> None:
     """Fold every ``conv -> bn`` call_module pair of ``gm``'s own graph (the conv feeding only the BN)."""
@@ -31,7 +35,7 @@ def _fold_graph(gm: torch.fx.GraphModule) -> None:
         if not (isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.users) == 1):
             continue
         conv, bn = gm.get_submodule(src.target), gm.get_submodule(node.target)
-        if type(conv) not in CONV_TYPES or not bn.track_running_stats or bn.running_mean is None:
+        if type(conv) not in _FOLDABLE or not bn.track_running_stats or bn.running_mean is None:
             continue
         if sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == src.target) != 1:
             continue  # a conv module called twice cannot absorb one of its BNs
@@ -57,7 +61,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     for module in list(out.modules()):
         if isinstance(module, MGICBlock):
             for j, (p, n) in enumerate(zip(module.prolong, module.norms)):
-                if type(p) in CONV_TYPES and isinstance(n, nn.modules.batchnorm._BatchNorm) and n.running_mean is not None:
+                if type(p) in _FOLDABLE and isinstance(n, nn.modules.batchnorm._BatchNorm) and n.running_mean is not None:
                     module.prolong[j] = fuse_conv_bn_eval(p, n)
                     module.norms[j] = nn.Identity()
         elif isinstance(module, torch.fx.GraphModule):

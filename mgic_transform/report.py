@@ -409,6 +409,7 @@ def count_flops(model: nn.Module, inputs: ExampleInputs) -> FlopCount:
         with _eval_mode(model), torch.no_grad():
             analysis = (
                 FlopCountAnalysis(model, inputs)
+                .set_op_handle("aten::matmul", _matmul_flops)
                 .unsupported_ops_warnings(False)
                 .uncalled_modules_warnings(False)
             )
@@ -421,6 +422,19 @@ def count_flops(model: nn.Module, inputs: ExampleInputs) -> FlopCount:
                 by_module={k: int(v) for k, v in analysis.by_module().items()},
                 uncounted=dict(analysis.unsupported_ops()),
             )
+
+
+def _matmul_flops(inputs: list[Any], outputs: list[Any]) -> int:
+    """Multiply-adds of ``torch.matmul``, broadcasting included: every output element costs ``k``.
+
+    fvcore's own formula multiplies the *first* operand's size by the last dimension,
+    which misses a batch that only the second operand has (``W[G, o, i] @ x[N, G, i, P]``,
+    the grouped 1x1 convolution of :class:`~mgic_transform.nn.transfer.PointwiseConv2d`).
+    """
+    from fvcore.nn.jit_handles import get_shape
+
+    k = get_shape(inputs[0])[-1]
+    return math.prod(get_shape(outputs[0])) * k
 
 
 @contextlib.contextmanager

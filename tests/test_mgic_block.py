@@ -7,7 +7,14 @@ from torch import nn
 import mgic_transform as mt
 from mgic_transform.hierarchy import level_groups, level_widths, transfer_groups
 from mgic_transform.nn import MGICBlock
-from mgic_transform.nn.transfer import GroupedLinear, make_residual_norm, make_transfer
+from mgic_transform.nn.transfer import (
+    CONV_BY_DIMS,
+    POINTWISE_BY_DIMS,
+    GroupedLinear,
+    make_residual_norm,
+    make_transfer,
+    pointwise_like,
+)
 
 
 def _identity_mgic(widths, s_g, spatial_dims, channels_last=False):
@@ -93,3 +100,82 @@ def test_parameter_count_matches_formula_3_5():
     assert count([block]) == by_hand + norms == decision.params_after
     assert decision.analytic_params == by_hand
     assert decision.levels == (64, 32, 16) and decision.groups == level_groups((64, 32, 16), s_g)
+
+
+# --------------------------------------------------------------------------- the fast paths change no math
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(
+    "dims, groups, shape",
+    [(2, 4, (3, 16, 5, 7)), (2, 1, (3, 16, 5, 7)), (2, 4, (16, 5, 7)), (1, 8, (2, 16, 9)), (3, 2, (2, 16, 3, 4, 5))],
+)
+def test_pointwise_conv_computes_the_grouped_1x1_convolution(dims, groups, shape, bias):
+    """Forward *and* both gradients equal ``F.conv{1,2,3}d`` with the same weights (batched and unbatched)."""
+    torch.manual_seed(0)
+    fast = POINTWISE_BY_DIMS[dims](16, 8, groups, bias=bias)
+    ref = CONV_BY_DIMS[dims](16, 8, 1, groups=groups, bias=bias)
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(*shape, requires_grad=True)
+    y_fast, y_ref = fast(x), ref(x)
+    torch.testing.assert_close(y_fast, y_ref)
+    g = torch.randn_like(y_ref)
+    grads_fast = torch.autograd.grad(y_fast, [x, fast.weight], g)
+    grads_ref = torch.autograd.grad(y_ref, [x, ref.weight], g)
+    for a, b in zip(grads_fast, grads_ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_pointwise_conv_takes_channels_last_inputs():
+    torch.manual_seed(0)
+    fast = POINTWISE_BY_DIMS[2](16, 8, 4)
+    x = torch.randn(2, 16, 5, 5).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fast(x), torch.nn.functional.conv2d(x, fast.weight, fast.bias, groups=4))
+
+
+def test_pointwise_like_only_replaces_plain_grouped_1x1_convs():
+    assert pointwise_like(nn.Conv2d(8, 8, 1, groups=2)) is POINTWISE_BY_DIMS[2]
+    assert pointwise_like(nn.Conv1d(8, 8, 1, groups=2, padding="valid")) is POINTWISE_BY_DIMS[1]
+    for conv in (nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, groups=2), nn.Conv2d(8, 8, 1, stride=2, groups=2),
+                 nn.Conv2d(8, 8, 1, padding=1, groups=2), type("MyConv", (nn.Conv2d,), {})(8, 8, 1, groups=2)):
+        assert pointwise_like(conv) is None, conv
+
+
+class _Bottleneck(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.a, self.b = nn.Conv2d(c, c // 2, 1), nn.Conv2d(c // 2, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return torch.relu(x + self.bn(self.b(torch.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_inference_fast_path_gives_the_autograd_result_and_keeps_the_input(training):
+    """Without autograd the block works in place on its own tensors: same output, input untouched."""
+    torch.manual_seed(0)
+    gm = mt.mgicify(_Bottleneck(32), torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=8).train(training)
+    (decision,) = gm.meta["mgic"].rewritten
+    block = gm.get_submodule(decision.module)
+    assert any(type(m) in POINTWISE_BY_DIMS.values() for m in block.levels[0].modules())  # the 1x1 conv, grouped
+    x = torch.randn(2, 32, 8, 8)
+    x_before = x.clone()
+    torch.manual_seed(1)
+    ref = block(x.requires_grad_())
+    with torch.inference_mode():
+        torch.manual_seed(1)
+        got = block(x.detach())
+    torch.testing.assert_close(got, ref.detach())
+    torch.testing.assert_close(x.detach(), x_before, rtol=0, atol=0)
+
+
+def test_a_transformed_model_traces_again_with_plain_torch_fx():
+    torch.manual_seed(0)
+    gm = mt.mgicify(_Bottleneck(32), torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=8).eval()
+    again = torch.fx.symbolic_trace(gm)
+    again.graph.lint()
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(again(x), gm(x))

@@ -46,10 +46,30 @@ def params_from_state_dict(model: nn.Module) -> int:
     return sum(seen.values())
 
 
+def as_plain_convs(model: nn.Module) -> nn.Module:
+    """A copy with every PointwiseConv (matmul forward) swapped for the ``nn.Conv{1,2,3}d`` it computes."""
+    from mgic_transform.nn.transfer import CONV_BY_DIMS, POINTWISE_BY_DIMS
+
+    model = copy.deepcopy(model)
+    for name, m in list(model.named_modules()):
+        if type(m) in POINTWISE_BY_DIMS.values():
+            conv = CONV_BY_DIMS[len(m.kernel_size)](m.in_channels, m.out_channels, 1, groups=m.groups,
+                                                    bias=m.bias is not None)
+            conv.load_state_dict(m.state_dict())
+            model.set_submodule(name, conv.train(m.training))
+    return model
+
+
 def fvcore_direct(model: nn.Module, x: torch.Tensor):
-    """fvcore, called the plain way (eval mode, no grad) on the same input."""
+    """fvcore, called the plain way (eval mode, no grad) on the same input.
+
+    Grouped 1x1 convolutions run as ``torch.matmul`` in the package, which plain
+    fvcore miscounts at batch > 1; they are counted here as the convolutions they
+    are, which checks the report's own matmul formula against fvcore's conv formula.
+    """
     from fvcore.nn import FlopCountAnalysis
 
+    model = as_plain_convs(model)
     was_training = model.training
     model.eval()
     with warnings.catch_warnings(), torch.no_grad():

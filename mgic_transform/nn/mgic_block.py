@@ -13,7 +13,9 @@ For a block of width ``c`` the MGIC block holds a hierarchy of widths
 
 ``x_{j+1}`` *is* ``R_j x_j`` from the way down, so the correction reuses it
 instead of recomputing the restriction. Coarse maps are dropped as soon as the
-way up has used them (the paper's inference-memory argument). If every
+way up has used them (the paper's inference-memory argument), and without
+autograd the residual and the correction are computed in place in tensors the
+block owns (never in its input). If every
 ``block_j`` is the identity, so is the MGIC block: ``y - x_{j+1}`` is zero,
 ``P_j`` has no bias and ``N_j`` starts with zero shift.
 
@@ -30,6 +32,23 @@ import torch
 from torch import nn
 
 __all__ = ["MGICBlock"]
+
+
+def _writable(t: torch.Tensor, other: torch.Tensor) -> bool:
+    """Whether ``t -= other`` / ``t += other`` may overwrite ``t`` in place, saving an allocation.
+
+    Only without autograd (``no_grad`` / ``inference_mode``), and only for a tensor
+    the block itself produced that is not a parameter, would not be broadcast or
+    type-promoted, and has no elements sharing memory (an ``expand`` view).
+    """
+    return (not torch.is_grad_enabled() and isinstance(t, torch.Tensor) and not t.requires_grad
+            and t.shape == other.shape and t.dtype == other.dtype and _dense(t))
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Contiguous in some memory format, so no two elements share memory."""
+    return (t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+            or (t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)))
 
 
 class MGICBlock(nn.Module):
@@ -77,7 +96,12 @@ class MGICBlock(nn.Module):
         y = self.levels[-1](xs[-1])
         for j in range(len(self.restrict) - 1, -1, -1):
             restricted = xs.pop()  # x_{j+1} = R_j x_j, kept from the way down
-            y = xs[-1] + self.norms[j](self.prolong[j](y - restricted))
+            residual = y.sub_(restricted) if _writable(y, restricted) else y - restricted
+            del y, restricted  # the coarse maps are dead: release them before the finer level runs
+            correction = self.norms[j](self.prolong[j](residual))
+            del residual
+            y = correction.add_(xs[-1]) if _writable(correction, xs[-1]) else xs[-1] + correction
+            del correction
             y = self.levels[j](y)
         return y
 

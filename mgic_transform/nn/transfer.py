@@ -4,9 +4,9 @@ Paper Sec. 3.3.3: ``R_j`` is a grouped 1x1 convolution that halves the channels,
 ``P_j`` has the transposed structure, both learned and initialised with positive
 weights whose rows sum to 1 (so repeated restriction neither vanishes nor
 explodes at the start of training). For channels-first tensors with spatial
-dimensions they are ``nn.Conv{1,2,3}d`` with kernel 1 (the fastest grouped
-kernel PyTorch has); for channels-last or ``(N, C)`` tensors they are a
-:class:`GroupedLinear`.
+dimensions they are :class:`PointwiseConv2d` (and its 1-d / 3-d siblings): an
+``nn.Conv2d`` with kernel 1 whose grouped forward is one batched matmul; for
+channels-last or ``(N, C)`` tensors they are a :class:`GroupedLinear`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,91 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GroupedLinear", "ChannelBatchNorm", "make_transfer", "make_residual_norm", "init_transfer_"]
+__all__ = ["GroupedLinear", "PointwiseConv1d", "PointwiseConv2d", "PointwiseConv3d", "ChannelBatchNorm",
+           "make_transfer", "make_residual_norm", "init_transfer_", "pointwise_like"]
 
 CONV_BY_DIMS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 BN_BY_DIMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+class _PointwiseMixin:
+    """Forward of a kernel-1 grouped convolution as one broadcast matmul over the groups.
+
+    A grouped 1x1 convolution is ``G`` independent ``(o, i)`` matrices applied at
+    every pixel. Viewing the contiguous ``(N, C, *spatial)`` input as
+    ``(N, G, i, pixels)`` makes it ``weight(G, o, i) @ x``: one batched GEMM, no
+    copy of the input. PyTorch's CPU convolution instead runs a grouped 1x1 conv
+    per group and per image with a ``narrow`` + ``contiguous`` copy of each group
+    and a ``cat`` (its THNN kernel, chosen for 1x1 kernels on one thread), or
+    through oneDNN's grouped kernel; both were slower in
+    ``benchmarks/profile_mgic_block.py`` (forward and backward, 1 and 2 threads).
+
+    The math, the parameters and the ``state_dict`` are exactly those of the
+    ``nn.Conv{1,2,3}d`` this is a subclass of. Ungrouped convolutions and inputs
+    in another memory format (channels-last) take the ordinary convolution.
+    """
+
+    groups: int
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A tensor in another memory format would be copied by the view below; a
+        # torch.fx Proxy (symbolic tracing) is not a Tensor and records the matmul.
+        if self.groups == 1 or (isinstance(x, torch.Tensor) and not x.is_contiguous()):
+            return super().forward(x)  # type: ignore[misc]
+        dims, g = len(self.kernel_size), self.groups
+        w = self.weight.view(g, self.out_channels // g, self.in_channels // g)
+        y = torch.matmul(w, x.flatten(-dims).unflatten(-2, (g, -1)))  # (N, G, o, pixels); works unbatched too
+        y = y.flatten(-3, -2).unflatten(-1, x.shape[-dims:])
+        if self.bias is not None:
+            y = y + self.bias.view(-1, *(1,) * dims)
+        return y
+
+
+class PointwiseConv1d(_PointwiseMixin, nn.Conv1d):
+    """``nn.Conv1d(in_channels, out_channels, 1, groups=groups, bias=bias)`` with a matmul forward when grouped."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int = 1, bias: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__(in_channels, out_channels, 1, groups=groups, bias=bias, device=device, dtype=dtype)
+
+
+class PointwiseConv2d(_PointwiseMixin, nn.Conv2d):
+    """``nn.Conv2d(in_channels, out_channels, 1, groups=groups, bias=bias)`` with a matmul forward when grouped."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int = 1, bias: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__(in_channels, out_channels, 1, groups=groups, bias=bias, device=device, dtype=dtype)
+
+
+class PointwiseConv3d(_PointwiseMixin, nn.Conv3d):
+    """``nn.Conv3d(in_channels, out_channels, 1, groups=groups, bias=bias)`` with a matmul forward when grouped."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int = 1, bias: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__(in_channels, out_channels, 1, groups=groups, bias=bias, device=device, dtype=dtype)
+
+
+POINTWISE_BY_DIMS = {1: PointwiseConv1d, 2: PointwiseConv2d, 3: PointwiseConv3d}
+
+
+def pointwise_like(conv: nn.Module) -> type | None:
+    """The :class:`PointwiseConv2d` (1d/3d) class that can stand in for ``conv``, or ``None``.
+
+    Only a plain ``nn.Conv{1,2,3}d`` (not a user subclass, whose forward may do
+    more) with kernel, stride and dilation 1, no padding and more than one group.
+    """
+    if type(conv) not in CONV_BY_DIMS.values() or conv.groups == 1:
+        return None
+    if any(v != 1 for v in (*conv.kernel_size, *conv.stride, *conv.dilation)):
+        return None
+    if isinstance(conv.padding, str) and conv.padding != "valid" or not isinstance(conv.padding, str) and any(conv.padding):
+        return None
+    return POINTWISE_BY_DIMS[len(conv.kernel_size)]
 
 
 class GroupedLinear(nn.Module):
@@ -82,7 +163,7 @@ def make_transfer(in_ch: int, out_ch: int, groups: int, *, spatial_dims: int, ch
     if channels_last or spatial_dims == 0:
         op: nn.Module = GroupedLinear(in_ch, out_ch, groups, bias=False, **kw)
     else:
-        op = CONV_BY_DIMS[spatial_dims](in_ch, out_ch, 1, groups=groups, bias=False, **kw)
+        op = POINTWISE_BY_DIMS[spatial_dims](in_ch, out_ch, groups, bias=False, **kw)
     init_transfer_(op.weight, in_ch // groups)
     return op
 

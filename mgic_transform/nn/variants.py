@@ -14,7 +14,9 @@ layer                   new instance (input width ``i'`` read off the incoming t
 ======================  ==============================================================
 Conv1d/2d/3d            out ``w(out)``; groups ``gcd(G, i', out')``; depthwise stays
                         depthwise (groups ``i'``, same channel multiplier); an already
-                        grouped conv keeps its channels-per-group as far as it divides
+                        grouped conv keeps its channels-per-group as far as it divides;
+                        a grouped 1x1 ``nn.Conv2d`` becomes a :class:`PointwiseConv2d`
+                        (same layer and weights, faster forward)
 Linear                  out ``w(out)``; a :class:`GroupedLinear` with ``gcd(G, i', out')`` groups
 BatchNorm/InstanceNorm  ``i'`` features
 GroupNorm               ``i'`` channels, group count scaled with the width
@@ -51,7 +53,7 @@ from torch import nn
 
 from .._modcopy import copy_structure, fetch_attr
 from ..passes.channels import CONV_TYPES, layer_channel_dim
-from .transfer import GroupedLinear
+from .transfer import GroupedLinear, pointwise_like
 
 __all__ = ["LevelSpec", "VariantError", "VariantFactory", "extract_block", "build_variant", "common_prefix"]
 
@@ -196,7 +198,11 @@ def _conv(mod: nn.Conv2d, in_w: int, spec: LevelSpec, width_of: Callable[[int], 
     if spec.unstride:
         attrs["stride"] = (1,) * len(k)
     shapes = {"weight": (out_w, in_w // groups, *k), "bias": (out_w,)}
-    return _fresh_like(mod, shapes, **attrs)
+    new = _fresh_like(mod, shapes, **attrs)
+    fast = pointwise_like(new)  # a grouped 1x1 conv: same layer, matmul forward
+    if fast is None:
+        return new
+    return fast(in_w, out_w, groups, bias=mod.bias is not None, device="meta", dtype=mod.weight.dtype).train(new.training)
 
 
 def _linear(mod: nn.Linear, in_w: int, spec: LevelSpec, width_of: Callable[[int], int]) -> nn.Module:
