@@ -14,10 +14,10 @@ transformed network:
 3. **per op**: ``torch.profiler`` key_averages over all MGICBlocks, by self CPU time.
 
 With ``--ablation`` it also times, per block and for the whole network, the
-package's inference options against the block as it was first written
-(:class:`BaselineMGICBlock` below: grouped 1x1 convolutions as ``nn.Conv2d``,
-out-of-place residual and correction): each speed change alone, both, and
-``mgic_transform.fold_batchnorm`` on top, beside the original network with its
+package's speed changes against the network as it was first built (commit
+ae76e27: grouped 1x1 convolutions as ``nn.Conv2d``, out-of-place residual and
+correction in :class:`BaselineMGICBlock`, ``+=`` traced as ``+``): each change
+alone, all three, and ``mgic_transform.fold_batchnorm`` on top, beside the original network with its
 BatchNorms folded (the fair baseline for folding).
 
 Usage::
@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import operator
 import sys
 import time
 from collections import defaultdict
@@ -51,6 +52,7 @@ from mgic_transform.nn.mgic_block import _writable  # noqa: E402
 from mgic_transform.nn.transfer import CONV_BY_DIMS, POINTWISE_BY_DIMS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+BASELINE = "MGIC baseline (as of ae76e27: nn.Conv2d for grouped 1x1, out of place, `+=` traced as `+`)"
 
 
 def instrumented_forward(block: mt.MGICBlock, x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +65,7 @@ def instrumented_forward(block: mt.MGICBlock, x: torch.Tensor) -> torch.Tensor:
         with record_function("part: restrict R"):
             xs.append(restrict(xs[-1]))
     with record_function("part: coarsest level (ungrouped)"):
-        y = block.levels[-1](xs[-1])
+        y = block.levels[-1](xs[-1].clone() if block.coarsest_mutates_input else xs[-1])
     for j in range(len(block.restrict) - 1, -1, -1):
         restricted = xs.pop()
         with record_function("part: residual y - Rx"):
@@ -82,10 +84,12 @@ def instrumented_forward(block: mt.MGICBlock, x: torch.Tensor) -> torch.Tensor:
 
 
 class BaselineMGICBlock(mt.MGICBlock):
-    """The block as first written (commit ae76e27), for the ablation: out-of-place residual and correction."""
+    """The block as first written (commit ae76e27), for the ablation: out-of-place residual and correction,
+    and (``matmul_1x1=False``) grouped 1x1 convolutions as ``nn.Conv2d``."""
 
     def __init__(self, block: mt.MGICBlock, *, inplace: bool, matmul_1x1: bool) -> None:
-        super().__init__(list(block.levels), list(block.restrict), list(block.prolong), list(block.norms), block.connector)
+        super().__init__(list(block.levels), list(block.restrict), list(block.prolong), list(block.norms), block.connector,
+                         coarsest_mutates_input=block.coarsest_mutates_input)
         self.inplace = inplace
         if not matmul_1x1:
             plain_pointwise_convs(self)
@@ -98,7 +102,7 @@ class BaselineMGICBlock(mt.MGICBlock):
         xs = [x]
         for restrict in self.restrict:
             xs.append(restrict(xs[-1]))
-        y = self.levels[-1](xs[-1])
+        y = self.levels[-1](xs[-1].clone() if self.coarsest_mutates_input else xs[-1])
         for j in range(len(self.restrict) - 1, -1, -1):
             restricted = xs.pop()
             y = xs[-1] + self.norms[j](self.prolong[j](y - restricted))
@@ -116,13 +120,26 @@ def plain_pointwise_convs(module: nn.Module) -> nn.Module:
     return module
 
 
-def with_blocks(gm: nn.Module, **opts: bool) -> nn.Module:
-    """A copy of ``gm`` whose MGIC blocks are :class:`BaselineMGICBlock` with ``opts``."""
+def out_of_place_adds(net: nn.Module) -> nn.Module:
+    """Trace ``+=`` back to ``+`` (what plain torch.fx records) in every GraphModule of ``net``, in place."""
+    ops = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+           operator.itruediv: operator.truediv}
+    for m in net.modules():
+        if isinstance(m, torch.fx.GraphModule):
+            for node in m.graph.nodes:
+                if node.op == "call_function" and node.target in ops:
+                    node.target = ops[node.target]
+            m.recompile()
+    return net
+
+
+def with_blocks(gm: nn.Module, *, inplace: bool, matmul_1x1: bool, iadd: bool) -> nn.Module:
+    """A copy of ``gm`` with each speed change of the package switched on or off."""
     net = copy.deepcopy(gm)
     for n, b in list(net.named_modules()):
         if isinstance(b, mt.MGICBlock):
-            net.set_submodule(n, BaselineMGICBlock(b, **opts))
-    return net
+            net.set_submodule(n, BaselineMGICBlock(b, inplace=inplace, matmul_1x1=matmul_1x1))
+    return net if iadd else out_of_place_adds(net)
 
 
 def block_inputs(gm: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -220,13 +237,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.ablation:
         from torch.fx.experimental.optimization import fuse as fx_fuse
 
+        off = {"inplace": False, "matmul_1x1": False, "iadd": False}
         variants = {
             "original": orig,
             "original, BN folded (torch.fx fuse)": fx_fuse(orig),
-            "MGIC baseline (ae76e27: nn.Conv2d 1x1, out of place)": with_blocks(gm, inplace=False, matmul_1x1=False),
-            "MGIC baseline + grouped 1x1 as matmul": with_blocks(gm, inplace=False, matmul_1x1=True),
-            "MGIC baseline + in-place residual/correction": with_blocks(gm, inplace=True, matmul_1x1=False),
-            "MGIC (package: both)": gm,
+            BASELINE: with_blocks(gm, **off),
+            "MGIC baseline + grouped 1x1 as matmul": with_blocks(gm, **{**off, "matmul_1x1": True}),
+            "MGIC baseline + in-place residual/correction": with_blocks(gm, **{**off, "inplace": True}),
+            "MGIC baseline + `+=` traced in place": with_blocks(gm, **{**off, "iadd": True}),
+            "MGIC (package: all three)": gm,
             "MGIC + mt.fold_batchnorm": mt.fold_batchnorm(gm),
         }
         with torch.inference_mode():
@@ -237,16 +256,20 @@ def main(argv: Optional[list[str]] = None) -> int:
                     if err > 1e-4:
                         raise SystemExit(f"{k} differs from the package MGIC network: relative error {err:.2e}")
 
-    base = "MGIC baseline (ae76e27: nn.Conv2d 1x1, out of place)"
-    per_block = {"orig": orig, "mgic": gm}
+    base = BASELINE
+    # per block: the module at the block's path in each network (the fused original is traced through, so its
+    # bottlenecks are fused one by one instead)
+    per_block: dict[str, Callable[[str], nn.Module]] = {"orig": orig.get_submodule, "mgic": gm.get_submodule}
     if variants:
-        per_block.update(baseline=variants[base], orig_folded=variants["original, BN folded (torch.fx fuse)"],
-                         folded=variants["MGIC + mt.fold_batchnorm"])
+        from torch.fx.experimental.optimization import fuse as fx_fuse
+
+        per_block.update(baseline=variants[base].get_submodule, orig_folded=lambda n: fx_fuse(orig.get_submodule(n)),
+                         folded=variants["MGIC + mt.fold_batchnorm"].get_submodule)
     rows = []
     totals: dict[str, float] = defaultdict(float)
     for n, b in blocks.items():
         xin = inputs[n]
-        fns = {k: (lambda m=net.get_submodule(n), xin=xin: m(xin)) for k, net in per_block.items()}
+        fns = {k: (lambda m=block_at(n), xin=xin: m(xin)) for k, block_at in per_block.items()}
         t = timeit(fns, rounds)
         for k, v in t.items():
             totals[k] += v

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import inspect
+import operator
 import re
 import traceback
 from typing import Any, Iterable, Optional, Union
@@ -23,9 +24,27 @@ from torch import nn
 
 from .errors import TraceError
 
-__all__ = ["LeafTracer", "trace"]
+__all__ = ["InPlaceProxy", "LeafTracer", "trace"]
 
 LeafSpec = Union[type, str]
+
+
+class InPlaceProxy(torch.fx.Proxy):
+    """A Proxy that records augmented assignments as the in-place ops they are.
+
+    ``torch.fx.Proxy`` has no ``__iadd__``, so Python runs ``out += identity`` as
+    ``out = out + identity`` and the traced graph allocates a new tensor where the
+    user's code (every torchvision ResNet block) wrote in place. That costs one
+    full-size tensor and one memory pass per residual add, and changes what a user
+    sees who holds ``out`` elsewhere. Recording ``operator.iadd`` keeps the code's
+    own semantics (fx prints it back as ``out += identity``).
+    """
+
+
+for _name, _op in (("__iadd__", operator.iadd), ("__isub__", operator.isub), ("__imul__", operator.imul),
+                   ("__itruediv__", operator.itruediv)):
+    setattr(InPlaceProxy, _name,
+            lambda self, other, op=_op: self.tracer.create_proxy("call_function", op, (self, other), {}))
 
 
 class LeafTracer(torch.fx.Tracer):
@@ -46,6 +65,9 @@ class LeafTracer(torch.fx.Tracer):
         self._current_module: list[str] = []
         self.failed_in: Optional[str] = None  # innermost module whose forward raised
         self.reads_training: list[str] = []  # traced-through modules whose forward reads self.training
+
+    def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
+        return InPlaceProxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self._leaf_types and isinstance(m, self._leaf_types):

@@ -179,3 +179,42 @@ def test_a_transformed_model_traces_again_with_plain_torch_fx():
     again.graph.lint()
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(again(x), gm(x))
+
+
+class _Residual(nn.Module):
+    """``stem -> [x + bn(conv(x))] -> head``, the residual written in place (``x += ...``) or not."""
+
+    def __init__(self, c, inplace):
+        super().__init__()
+        self.inplace = inplace
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        x = self.stem(x)
+        if self.inplace:
+            x += self.bn(self.conv(x))
+        else:
+            x = x + self.bn(self.conv(x))
+        return torch.relu(x)
+
+
+def test_in_place_residual_is_traced_as_in_place_and_computes_the_same():
+    """``x += ...`` stays an in-place op in the graph (no extra tensor), and the MGIC result does not depend on it.
+
+    Here the block writes into its *own input*: the coarsest level's input ``x_L = R x`` is
+    needed again for the residual ``y - x_L``, so the block must hand the level a copy.
+    """
+    x = torch.randn(2, 3, 8, 8)
+    outs = {}
+    for inplace in (True, False):
+        torch.manual_seed(0)
+        gm = mt.mgicify(_Residual(32, inplace), x, group_size=4, coarsest_width=8).eval()
+        (decision,) = gm.meta["mgic"].rewritten
+        block = gm.get_submodule(decision.module)
+        assert block.coarsest_mutates_input is inplace
+        assert ("+=" in block.levels[-1].code) is inplace
+        outs[inplace] = gm(x)
+        with torch.inference_mode():
+            torch.testing.assert_close(gm(x), outs[inplace])
+    torch.testing.assert_close(outs[True], outs[False])

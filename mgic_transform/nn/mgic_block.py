@@ -61,6 +61,9 @@ class MGICBlock(nn.Module):
         prolong: ``P_j`` for ``j = 0 .. L-1`` (``c_{j+1} -> c_j``).
         norms: ``N_j`` for ``j = 0 .. L-1`` (normalisation of the prolonged residual).
         connector: optional width/stride-changing layer applied before the hierarchy.
+        coarsest_mutates_input: whether ``levels[-1]`` writes into its input in place
+            (``x += f(x)`` in the block's code). The input is then a copy, because
+            ``x_L = R x`` is needed again for the coarse-grid residual ``y - x_L``.
     """
 
     def __init__(
@@ -70,6 +73,8 @@ class MGICBlock(nn.Module):
         prolong: Sequence[nn.Module],
         norms: Sequence[nn.Module],
         connector: Optional[nn.Module] = None,
+        *,
+        coarsest_mutates_input: bool = False,
     ) -> None:
         super().__init__()
         if not (len(levels) == len(restrict) + 1 == len(prolong) + 1 == len(norms) + 1):
@@ -82,6 +87,7 @@ class MGICBlock(nn.Module):
         self.restrict = nn.ModuleList(restrict)
         self.prolong = nn.ModuleList(prolong)
         self.norms = nn.ModuleList(norms)
+        self.coarsest_mutates_input = coarsest_mutates_input
 
     @property
     def num_levels(self) -> int:
@@ -93,7 +99,7 @@ class MGICBlock(nn.Module):
         xs = [x]
         for restrict in self.restrict:
             xs.append(restrict(xs[-1]))
-        y = self.levels[-1](xs[-1])
+        y = self.levels[-1](xs[-1].clone() if self.coarsest_mutates_input else xs[-1])
         for j in range(len(self.restrict) - 1, -1, -1):
             restricted = xs.pop()  # x_{j+1} = R_j x_j, kept from the way down
             residual = y.sub_(restricted) if _writable(y, restricted) else y - restricted

@@ -56,10 +56,9 @@ class _PointwiseMixin:
         dims, g = len(self.kernel_size), self.groups
         w = self.weight.view(g, self.out_channels // g, self.in_channels // g)
         y = torch.matmul(w, x.flatten(-dims).unflatten(-2, (g, -1)))  # (N, G, o, pixels); works unbatched too
-        y = y.flatten(-3, -2).unflatten(-1, x.shape[-dims:])
-        if self.bias is not None:
-            y = y + self.bias.view(-1, *(1,) * dims)
-        return y
+        if self.bias is not None:  # in place: matmul does not save its output for backward
+            y = y.add_(self.bias.view(g, -1, 1))
+        return y.flatten(-3, -2).unflatten(-1, x.shape[-dims:])
 
 
 class PointwiseConv1d(_PointwiseMixin, nn.Conv1d):

@@ -365,13 +365,15 @@ class _Recipe:
     modules: dict[str, nn.Module]
     tensors: tuple[str, ...]
     sizes: dict[int, dict[int, int]]  # node index -> integer sizes rewritten in its arguments
+    mutates_input: bool = False  # an in-place op writes into the block's input (``x += ...``, ReLU(inplace=True))
 
 
 def _replay(block: torch.fx.GraphModule, spec: LevelSpec, shape: list[int], widths: frozenset[int],
             dtype: torch.dtype) -> _Recipe:
     interp = _Reinstantiate(block, spec, widths)
+    x = torch.empty(shape, dtype=dtype, device="meta")
     try:
-        out = interp.run(torch.empty(shape, dtype=dtype, device="meta"))
+        out = interp.run(x)
     except VariantError as exc:  # fx appends "While executing ..." notes: keep the reason to one line
         raise VariantError(str(exc).split("\n")[0]) from exc
     except Exception as exc:  # an op rejected the new width
@@ -385,7 +387,7 @@ def _replay(block: torch.fx.GraphModule, spec: LevelSpec, shape: list[int], widt
     modules = {k: v for k, v in interp.new_attrs.items()
                if isinstance(v, nn.Module) and (_has_state(v) or type(v) is not type(block.get_submodule(k)))}
     tensors = tuple(k for k, v in interp.new_attrs.items() if not isinstance(v, nn.Module))
-    return _Recipe(modules, tensors, interp.sizes)
+    return _Recipe(modules, tensors, interp.sizes, mutates_input=x._version > 0)
 
 
 def _has_state(module: nn.Module) -> bool:
@@ -437,6 +439,10 @@ class VariantFactory:
               device: torch.device | str = "cpu") -> torch.fx.GraphModule:
         """The block re-instantiated at ``spec.width`` channels, checked to map that shape to itself.
 
+        ``variant.meta["mutates_input"]`` says whether the block writes into its
+        input in place (``x += f(x)``, ``ReLU(inplace=True)`` on the input), seen
+        on the replay through the input's version counter.
+
         The graph is replayed on meta tensors with meta-device layers (fast,
         nothing allocated); only a variant that passes is allocated on
         ``device`` and initialised. Raises :class:`VariantError` with a readable
@@ -467,7 +473,9 @@ class VariantFactory:
         for i, node in enumerate(graph.nodes):
             if i in recipe.sizes:
                 node.args, node.kwargs = _replace_ints((node.args, node.kwargs), recipe.sizes[i])
-        return torch.fx.GraphModule(attrs, graph, "Block")
+        variant = torch.fx.GraphModule(attrs, graph, "Block")
+        variant.meta["mutates_input"] = recipe.mutates_input
+        return variant
 
 
 def _replace_ints(value: Any, mapping: dict[int, int]) -> Any:

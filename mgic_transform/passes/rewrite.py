@@ -176,7 +176,8 @@ def _build(gm: torch.fx.GraphModule, region: Region, *, group_size: int, coarses
     connector = None
     if region.kind == "transition":
         connector = _connector(c_in, c_out, entry_shape, exit_shape, cd, like)
-    mgic = MGICBlock(variants, restrict, prolong, norms, connector)
+    mgic = MGICBlock(variants, restrict, prolong, norms, connector,
+                     coarsest_mutates_input=variants[-1].meta["mutates_input"])
     mgic.train(gm.get_submodule(layers[0]).training if layers else gm.training)
     before = _unique_params(gm, region)
     after = sum(p.numel() for p in mgic.parameters())
