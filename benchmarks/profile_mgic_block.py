@@ -17,8 +17,8 @@ With ``--ablation`` it also times, per block and for the whole network, the
 package's speed changes against the network as it was first built (commit
 ae76e27: grouped 1x1 convolutions as ``nn.Conv2d``, out-of-place residual and
 correction in :class:`BaselineMGICBlock`, ``+=`` traced as ``+``): each change
-alone, all three, and ``mgic_transform.fold_batchnorm`` on top, beside the original network with its
-BatchNorms folded (the fair baseline for folding).
+alone, all three, and ``mgic_transform.fold_batchnorm`` on top, beside the original network folded
+the same way (the fair baseline for folding).
 
 Usage::
 
@@ -235,12 +235,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     variants: dict[str, nn.Module] = {}
     if args.ablation:
-        from torch.fx.experimental.optimization import fuse as fx_fuse
-
         off = {"inplace": False, "matmul_1x1": False, "iadd": False}
         variants = {
             "original": orig,
-            "original, BN folded (torch.fx fuse)": fx_fuse(orig),
+            "original + mt.fold_batchnorm": mt.fold_batchnorm(orig),
             BASELINE: with_blocks(gm, **off),
             "MGIC baseline + grouped 1x1 as matmul": with_blocks(gm, **{**off, "matmul_1x1": True}),
             "MGIC baseline + in-place residual/correction": with_blocks(gm, **{**off, "inplace": True}),
@@ -257,13 +255,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                         raise SystemExit(f"{k} differs from the package MGIC network: relative error {err:.2e}")
 
     base = BASELINE
-    # per block: the module at the block's path in each network (the fused original is traced through, so its
-    # bottlenecks are fused one by one instead)
+    # per block: the module at the block's path in each network (the folded original is traced through, so its
+    # bottlenecks are folded one by one instead)
     per_block: dict[str, Callable[[str], nn.Module]] = {"orig": orig.get_submodule, "mgic": gm.get_submodule}
     if variants:
-        from torch.fx.experimental.optimization import fuse as fx_fuse
-
-        per_block.update(baseline=variants[base].get_submodule, orig_folded=lambda n: fx_fuse(orig.get_submodule(n)),
+        per_block.update(baseline=variants[base].get_submodule,
+                         orig_folded=lambda n: mt.fold_batchnorm(orig.get_submodule(n)),
                          folded=variants["MGIC + mt.fold_batchnorm"].get_submodule)
     rows = []
     totals: dict[str, float] = defaultdict(float)
@@ -290,7 +287,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     net_rows = []
     if variants:
-        t = timeit({k: (lambda net=net: net(x)) for k, net in variants.items()}, rounds)
+        t = timeit({k: (lambda net=net: net(x)) for k, net in variants.items()}, 2 * rounds)  # small differences
         for k, v in t.items():
             net_rows.append(f"| {k} | {1e3 * v:.1f} | {v / t['original']:.2f} | {v / t[base]:.2f} |")
 

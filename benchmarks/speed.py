@@ -12,6 +12,9 @@ Measured, for each case, in one process with original and MGIC *interleaved*
 over rounds reported:
 
 * inference latency: ``eval()``, ``torch.inference_mode()``, batch 1 and 8, 224x224;
+* inference latency with both networks' eval BatchNorms folded into their
+  convolutions (``mgic_transform.fold_batchnorm`` on each; the original is traced
+  with the compiler's tracer first), at the largest inference batch;
 * training step: ``train()``, SGD (momentum 0.9), cross-entropy on random labels,
   ``zero_grad`` + forward + backward + step, batch 8.
 
@@ -174,6 +177,14 @@ def run_case(name: str, args: argparse.Namespace) -> tuple[list[Line], dict]:
             for k, m in models.items()}
     lines.append(Line(name, f"peak memory, inference batch {args.batch_sizes[-1]}", mems["orig"] / 2**20, mems["mgic"] / 2**20,
                       "MiB", "activations + workspaces"))
+    if not args.no_fold:  # deployment: both networks with their eval BatchNorms folded into the convolutions
+        folded = {k: mt.fold_batchnorm(m) for k, m in models.items()}
+        bs = args.batch_sizes[-1]
+        x = torch.randn(bs, 3, 224, 224).contiguous(memory_format=fmt)
+        t = interleaved({k: inference_fn(m, x) for k, m in folded.items()}, args.rounds, args.warmup)
+        lines.append(Line(name, f"inference latency, batch {bs}, both BN-folded", 1e3 * median(t["orig"]),
+                          1e3 * median(t["mgic"]), "ms", "mt.fold_batchnorm on each"))
+        print(f"  {lines[-1].what}: {lines[-1].orig:.1f} / {lines[-1].mgic:.1f} ms", file=sys.stderr, flush=True)
 
     for m in models.values():
         m.train()
@@ -233,6 +244,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch.set_num_threads (default 1: on a shared 2-core machine multi-threaded ops stall at "
                         "every barrier when another job holds a core; see README)")
+    p.add_argument("--no-fold", action="store_true", help="skip the BN-folded inference comparison")
     p.add_argument("--quick", action="store_true", help="2 rounds, 1 warm-up, batch 1 inference, batch 2 training")
     p.add_argument("--write", action="store_true", help="also write benchmarks/results/speed[_channels_last].md")
     args = p.parse_args(argv)

@@ -19,6 +19,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from .nn.mgic_block import MGICBlock
 from .nn.transfer import POINTWISE_BY_DIMS
 from .passes.channels import CONV_TYPES
+from .tracing import trace
 
 __all__ = ["fold_batchnorm"]
 
@@ -54,10 +55,16 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
     Works on the result of :func:`mgic_transform.mgicify` (and on any module
     tree of GraphModules): every GraphModule's ``conv -> bn`` pairs, and each
-    MGIC block's ``N_j`` into its ``P_j``. The copy is for inference only: the
-    folded network has no BatchNorm statistics left to train. ``model`` is not modified.
+    MGIC block's ``N_j`` into its ``P_j``. A model with no GraphModule in it
+    (the original network, for a fair comparison) is traced first, with the
+    compiler's tracer, so ``out += identity`` stays in place; a model that cannot
+    be traced raises :class:`~mgic_transform.MGICError` with the tracer's hint.
+    The copy is for inference only: the folded network has no BatchNorm
+    statistics left to train. ``model`` is not modified.
     """
     out = copy.deepcopy(model).eval()
+    if not any(isinstance(m, torch.fx.GraphModule) for m in out.modules()):
+        out = trace(out).eval()
     for module in list(out.modules()):
         if isinstance(module, MGICBlock):
             for j, (p, n) in enumerate(zip(module.prolong, module.norms)):

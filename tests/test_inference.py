@@ -36,3 +36,34 @@ def test_fold_batchnorm_keeps_outputs(name):
         assert _count_bn(folded) < _count_bn(gm)
     folded_blocks = [m for m in folded.modules() if isinstance(m, mt.MGICBlock)]
     assert len(folded_blocks) == len(gm.meta["mgic"].rewritten)
+
+
+def test_fold_batchnorm_of_a_plain_model_traces_it_first():
+    """The original network folds too (the fair baseline for a folded MGIC network), keeping `+=` in place."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18()
+    x = torch.randn(2, 3, 64, 64)
+    model.train()
+    model(x)  # non-trivial running statistics
+    model.eval()
+    folded = mt.fold_batchnorm(model)
+    assert isinstance(folded, torch.fx.GraphModule) and _count_bn(folded) == 0
+    assert "+=" in folded.code
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
+    assert isinstance(model.layer1[0], nn.Module) and _count_bn(model) == 20  # the input model is untouched
+
+
+def test_fold_batchnorm_of_an_untraceable_model_says_why():
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow
+                return self.bn(self.conv(x))
+            return x
+
+    with pytest.raises(mt.MGICError, match="leaf"):
+        mt.fold_batchnorm(Untraceable())
