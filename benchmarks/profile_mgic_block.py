@@ -64,7 +64,7 @@ def instrumented_forward(block: mt.MGICBlock, x: torch.Tensor) -> torch.Tensor:
     for restrict in block.restrict:
         with record_function("part: restrict R"):
             xs.append(restrict(xs[-1]))
-    with record_function("part: coarsest level (ungrouped)"):
+    with record_function("part: coarsest level (ungrouped)"):  # (a block called alone never overwrites x)
         y = block.levels[-1](xs[-1].clone() if block.coarsest_mutates_input else xs[-1])
     for j in range(len(block.restrict) - 1, -1, -1):
         restricted = xs.pop()
@@ -94,9 +94,9 @@ class BaselineMGICBlock(mt.MGICBlock):
         if not matmul_1x1:
             plain_pointwise_convs(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, overwrite_input: bool = False) -> torch.Tensor:
         if self.inplace:
-            return super().forward(x)
+            return super().forward(x, overwrite_input=overwrite_input)
         if self.connector is not None:
             x = self.connector(x)
         xs = [x]

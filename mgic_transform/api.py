@@ -13,6 +13,7 @@ from ._modcopy import copy_structure, own_tensors
 from .errors import ConfigError, InputError
 from .nn.mgic_block import MGICBlock
 from .passes.blocks import find_blocks
+from .passes.ownership import mark_overwritable_inputs
 from .passes.rewrite import rewrite_blocks
 from .passes.shapes import propagate_shapes
 from .plan import MGICPlan
@@ -218,6 +219,7 @@ def mgicify(
     decisions = rewrite_blocks(gm, regions, group_size=group_size, coarsest_width=coarsest_width, skip=skip,
                                transitions=transitions)
     gm.graph.eliminate_dead_code()
+    mark_overwritable_inputs(gm)
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()

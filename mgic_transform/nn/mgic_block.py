@@ -93,9 +93,18 @@ class MGICBlock(nn.Module):
     def num_levels(self) -> int:
         return len(self.levels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, overwrite_input: bool = False) -> torch.Tensor:
+        """Algorithm 1 on ``x``.
+
+        ``overwrite_input=True`` lets the block, when autograd is off, add the
+        finest correction into ``x`` itself instead of a new tensor (one full-width
+        map less at the inference peak). The transformed graph passes it where it
+        has proved that nothing else reads ``x`` (``passes/ownership.py``); the
+        default never writes into the caller's tensor.
+        """
         if self.connector is not None:
             x = self.connector(x)
+            overwrite_input = True  # the connector's output is the block's own
         xs = [x]
         for restrict in self.restrict:
             xs.append(restrict(xs[-1]))
@@ -104,9 +113,16 @@ class MGICBlock(nn.Module):
             restricted = xs.pop()  # x_{j+1} = R_j x_j, kept from the way down
             residual = y.sub_(restricted) if _writable(y, restricted) else y - restricted
             del y, restricted  # the coarse maps are dead: release them before the finer level runs
-            correction = self.norms[j](self.prolong[j](residual))
-            del residual
-            y = correction.add_(xs[-1]) if _writable(correction, xs[-1]) else xs[-1] + correction
+            prolonged = self.prolong[j](residual)
+            del residual  # before N_j runs: at most two full-width maps besides x_j
+            correction = self.norms[j](prolonged)
+            del prolonged
+            if j == 0 and overwrite_input and _writable(xs[0], correction):
+                y = xs[0].add_(correction)  # x_0 is dead once corrected: reuse its memory
+            elif _writable(correction, xs[-1]):
+                y = correction.add_(xs[-1])
+            else:
+                y = xs[-1] + correction
             del correction
             y = self.levels[j](y)
         return y
