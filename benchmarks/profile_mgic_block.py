@@ -314,7 +314,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         *rows,
     ]
     if net_rows:
-        out += ["", f"## Whole network, batch {args.batch} (ablation: each change alone, then both, then BN folding; "
+        out += ["", f"## Whole network, batch {args.batch} (ablation: each change alone, then all three, then BN folding; "
                 "same outputs, checked to 1e-4 relative)", "",
                 "| network | ms | / original | / MGIC baseline |", "|---|--:|--:|--:|", *net_rows]
     out += ["", "## Per part (all 12 MGIC blocks, one network pass; profiler time, so slightly inflated)", "",
