@@ -244,8 +244,8 @@ def compare(
     Args:
         original: the model handed to :func:`mgic_transform.mgicify`. Not modified.
         transformed: the ``GraphModule`` that ``mgicify`` returned. Its
-            ``meta["mgic"]`` plan gives the per-block rows; without it (e.g. a
-            GraphModule reloaded with ``torch.load``) the report has totals only.
+            ``meta["mgic"]`` plan gives the per-block rows (a GraphModule reloaded
+            with ``torch.load`` keeps a copy of it); without it the report has totals only.
         example_inputs: a tensor or a tuple of tensors to count FLOPs with. Defaults
             to the input ``mgicify`` used (``transformed.meta["mgic_example_inputs"]``),
             or else one inferred from the first conv/linear layer
@@ -258,7 +258,8 @@ def compare(
         InputError: ``example_inputs`` is not a tensor or tuple of tensors, or none was
             given and none can be inferred.
     """
-    meta = getattr(transformed, "meta", None) or {}
+    # `_mgic_meta` is the copy of the plan that survives torch.save / torch.load (which empty `meta`)
+    meta = {**getattr(transformed, "_mgic_meta", {}), **(getattr(transformed, "meta", None) or {})}
     plan = meta.get("mgic")
     if plan is not None and not isinstance(plan, MGICPlan):
         raise InputError(
