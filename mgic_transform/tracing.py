@@ -10,13 +10,14 @@ module a leaf (``leaf_modules=``) or fix the offending argument
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import inspect
 import operator
 import re
 import traceback
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Iterator, Optional, Union
 
 import torch
 import torch.fx
@@ -57,17 +58,73 @@ class LeafTracer(torch.fx.Tracer):
             default (the ``torch.nn`` layers) stays opaque.
     """
 
-    def __init__(self, leaf_modules: Iterable[LeafSpec] = ()) -> None:
+    def __init__(self, leaf_modules: Iterable[LeafSpec] = (), *, dynamic_training: bool = True) -> None:
         super().__init__()
         specs = tuple(leaf_modules)
         self._leaf_types = tuple(s for s in specs if isinstance(s, type))
         self._leaf_patterns = tuple(s for s in specs if isinstance(s, str))
         self._current_module: list[str] = []
         self.failed_in: Optional[str] = None  # innermost module whose forward raised
-        self.reads_training: list[str] = []  # traced-through modules whose forward reads self.training
+        self.dynamic_training = dynamic_training
+        self.reads_training: list[str] = []  # traced-through modules whose self.training was fixed while tracing
+        self._flag_nodes: set[torch.fx.Node] = set()  # get_attr nodes standing for a module's self.training
+        self._restore: list[tuple[nn.Module, Any]] = []
 
     def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
         return InPlaceProxy(node, self)
+
+    @contextlib.contextmanager
+    def _training_flag(self, m: nn.Module, path: str) -> Iterator[None]:
+        """While ``m.forward`` is traced, make its ``self.training`` a graph value (or note that it is fixed).
+
+        With ``dynamic_training``, ``self.training`` reads a ``get_attr`` node of the
+        module's own flag, so ``F.dropout(x, p, self.training)`` keeps following
+        ``train()``/``eval()`` in the result. Python control flow on it
+        (``if self.training:``) cannot be traced that way; :func:`trace` then retraces
+        with the flag fixed to its current value and reports the module.
+        """
+        if not self.dynamic_training:
+            if _reads_training_flag(type(m)):
+                self.reads_training.append(path)
+            yield
+            return
+        self._make_training_dynamic(m, path)
+        try:
+            yield
+        finally:
+            self._restore_training_flags(m)
+
+    def _make_training_dynamic(self, m: nn.Module, path: str) -> None:
+        proxy = self.create_proxy("get_attr", f"{path}.training" if path else "training", (), {})
+        self._flag_nodes.add(proxy.node)
+        self._restore.append((m, m.__dict__["training"]))
+        m.__dict__["training"] = proxy  # an instance attribute: nn.Module.__getattr__ is not involved
+
+    def _restore_training_flags(self, until: Optional[nn.Module] = None) -> None:
+        while self._restore:
+            m, flag = self._restore.pop()
+            m.__dict__["training"] = flag
+            if m is until:
+                return
+
+    def create_args_for_root(self, root_fn: Any, is_module: bool, concrete_args: Any = None) -> Any:
+        fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+        if is_module:  # the graph exists from here on
+            if self.dynamic_training:
+                self._make_training_dynamic(self.root, "")
+            elif _reads_training_flag(type(self.root)):
+                self.reads_training.insert(0, "")
+        return fn, args
+
+    def trace(self, root: Any, concrete_args: Optional[dict[str, Any]] = None) -> torch.fx.Graph:
+        try:
+            graph = super().trace(root, concrete_args)
+        finally:
+            self._restore_training_flags()
+        for node in list(graph.nodes):  # the flags no forward read
+            if node.op == "get_attr" and node in self._flag_nodes and not node.users:
+                graph.erase_node(node)
+        return graph
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self._leaf_types and isinstance(m, self._leaf_types):
@@ -85,11 +142,13 @@ class LeafTracer(torch.fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
-        self._current_module.append(self.path_of_module(m) if m is not self.root else "")
-        if not self.is_leaf_module(m, self._current_module[-1]) and _reads_training_flag(type(m)):
-            self.reads_training.append(self._current_module[-1])
+        path = self.path_of_module(m) if m is not self.root else ""
+        self._current_module.append(path)
         try:
-            return super().call_module(m, forward, args, kwargs)
+            if self.is_leaf_module(m, path):
+                return super().call_module(m, forward, args, kwargs)
+            with self._training_flag(m, path):
+                return super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed_in is None:
                 self.failed_in = self._current_module[-1]
@@ -135,7 +194,15 @@ def trace(
     """
     tracer = LeafTracer(leaf_modules)
     try:
-        graph = tracer.trace(model, concrete_args=concrete_args)
+        try:
+            graph = tracer.trace(model, concrete_args=concrete_args)
+        except Exception:
+            if not tracer.dynamic_training:
+                raise
+            # `if self.training:` cannot branch on a graph value: fix the flags to their current values instead
+            # (a model that is untraceable for another reason fails the same way again, and is reported below)
+            tracer = LeafTracer(leaf_modules, dynamic_training=False)
+            graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, RuntimeError ...)
         frame = _user_frame(exc)
         where = f"{frame.filename}:{frame.lineno} `{(frame.line or '').strip()}`" if frame else "unknown line"
@@ -164,7 +231,5 @@ def trace(
                 node.args = (value,)
     name = type(model).__name__
     gm = torch.fx.GraphModule(tracer.root, graph, name)
-    if _reads_training_flag(type(model)):
-        tracer.reads_training.insert(0, "")
     gm.meta["reads_training"] = tuple(tracer.reads_training)
     return gm

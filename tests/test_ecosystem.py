@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 
 import pytest
 import torch
@@ -398,13 +399,12 @@ def test_stochastic_models_switch_modes_before_the_transform(kind):
 
 
 # regression B21: torch.fx specialises ``self.training`` to the mode at trace time. Fixed in 3afb777 for
-# submodules that read it (StochasticDepth is now a leaf); still open for the root's own forward.
-_B21_OPEN = pytest.mark.xfail(strict=True, raises=AssertionError,
-                              reason="B21: the root forward's self.training is evaluated while tracing")
+# submodules that read it (StochasticDepth is now a leaf), and for traced forwards (the root's own
+# ``F.dropout(x, p, self.training)``) by tracing the flag as a graph value.
 
 
 @pytest.mark.parametrize("traced_in", ["train", "eval"])
-@pytest.mark.parametrize("kind", [pytest.param("dropout", marks=_B21_OPEN), "stochastic_depth"])
+@pytest.mark.parametrize("kind", ["dropout", "stochastic_depth"])
 def test_regression_training_flag_is_not_frozen_at_trace_time(kind, traced_in):
     torch.manual_seed(0)
     model = Stochastic(kind).train(traced_in == "train")
@@ -414,13 +414,33 @@ def test_regression_training_flag_is_not_frozen_at_trace_time(kind, traced_in):
     assert _switches(gm, x) == (True, True)
 
 
-def test_root_forward_reading_self_training_warns():
-    """Until B21 is fixed for the root module, the user is told that the mode is frozen, and how to get the other."""
+class BranchesOnTraining(Stochastic):
+    """``if self.training:`` is Python control flow: it cannot become a graph value."""
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.bn(self.conv(x))
+        if self.training:
+            x = F.dropout(x, 0.5)
+        return x
+
+
+def test_root_forward_branching_on_self_training_warns():
+    """Control flow on self.training is fixed to the mode at transform time; the user is told, and how to get the other."""
     torch.manual_seed(0)
     with pytest.warns(UserWarning, match="self.training") as record:
-        mt.mgicify(Stochastic("dropout").train(), torch.randn(4, 3, 8, 8), group_size=4, coarsest_width=4)
+        gm = mt.mgicify(BranchesOnTraining("dropout").train(), torch.randn(4, 3, 8, 8), group_size=4, coarsest_width=4)
     msg = " ".join(str(w.message) for w in record if "self.training" in str(w.message))
     assert "train mode" in msg and "eval()" in msg
+    assert [d.path for d in gm.meta["mgic"].rewritten] == ["conv"]
+
+
+def test_a_forward_passing_self_training_as_a_value_does_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gm = mt.mgicify(Stochastic("dropout").train(), torch.randn(4, 3, 8, 8), group_size=4, coarsest_width=4)
+    assert "training" in gm.code or any("training" in m.code for m in gm.modules()
+                                        if isinstance(m, torch.fx.GraphModule))
 
 
 # --------------------------------------------------------------------------- dtype / memory format

@@ -466,8 +466,9 @@ class VariantFactory:
             for n in block.graph.nodes if n.op == "call_module"
         }  # weightless modules of this very block (its own dropout rates ...)
         attrs.update({k: _instantiate(m, torch.device(device)) for k, m in recipe.modules.items()})
-        for target in recipe.tensors:
-            attrs[target] = _resize_tensor(fetch_attr(block, target), spec, widths)
+        for target in recipe.tensors:  # and other constants: a module's `training` flag read by F.dropout
+            value = fetch_attr(block, target)
+            attrs[target] = _resize_tensor(value, spec, widths) if isinstance(value, torch.Tensor) else value
         graph = torch.fx.Graph()
         graph.output(graph.graph_copy(block.graph, {}))
         for i, node in enumerate(graph.nodes):
