@@ -141,3 +141,23 @@ def test_result_is_independent_of_the_input_model():
     # the kept layers are copies: changing the result leaves the model alone
     assert not any(p1 is p2 for p1 in gm.parameters() for p2 in model.parameters())
     assert not torch.equal(model.stem.weight, gm.get_submodule("stem").weight)
+
+
+def test_a_declined_transition_unit_is_searched_inside():
+    """transitions=True: a width-changing unit that cannot be rewritten (the CIFAR ResNet's F.pad shortcut
+    does not re-instantiate) gives way to the blocks inside it, so turning transitions on never loses blocks."""
+    model = CUSTOM_MODELS["cifar_resnet56"][0]()
+    x = torch.randn(2, 3, 32, 32)
+    plans, params = {}, {}
+    for transitions in (False, True):
+        gm = mt.mgicify(model, x, group_size=8, coarsest_width=16, transitions=transitions)
+        gm.graph.lint()
+        assert gm(x).shape == (2, 10)
+        plans[transitions] = gm.meta["mgic"]
+        params[transitions] = sum(p.numel() for p in gm.parameters())
+    declined = [d for d in plans[True].skipped if d.kind == "transition" and "tried instead" in (d.reason or "")]
+    assert declined, [(d.path, d.reason) for d in plans[True].skipped]
+    rewritten_off = {d.path for d in plans[False].rewritten}
+    rewritten_on = {d.path for d in plans[True].rewritten}
+    assert rewritten_off <= rewritten_on, rewritten_off - rewritten_on
+    assert params[True] <= params[False]

@@ -28,7 +28,7 @@ never consulted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 import networkx as nx
@@ -51,6 +51,8 @@ class Region:
     nodes: list[torch.fx.Node]
     kind: str
     enclosed: int = 0  # number of inner units it encloses (when chosen over them)
+    # What to try instead if this (transition) unit cannot be rewritten: the blocks inside it
+    inner: list["Region"] = field(default_factory=list)
 
     @property
     def exit(self) -> torch.fx.Node:
@@ -258,7 +260,9 @@ def _outermost_units(units: list[Region], transitions: bool) -> list[Region]:
 
     Without ``transitions`` a width-changing unit is reported but cannot be
     rewritten, so the search also descends into it (a U-Net's skip connection
-    must not hide the levels inside it).
+    must not hide the levels inside it). With ``transitions`` a width-changing
+    unit is a candidate, and the units the search would choose inside it are
+    kept on ``Region.inner`` in case it is declined.
     """
     units.sort(key=lambda r: len(r.nodes))
     members = [set(r.nodes) for r in units]
@@ -271,19 +275,25 @@ def _outermost_units(units: list[Region], transitions: bool) -> list[Region]:
     children: dict[Optional[int], list[int]] = {}
     for i, p in enumerate(parent):
         children.setdefault(p, []).append(i)
-    chosen, stack = [], list(children.get(None, []))
-    while stack:
-        i = stack.pop()
-        kids = children.get(i, [])
-        if units[i].kind == "transition" and not transitions:
-            chosen.append(units[i])
-            stack.extend(kids)
-        elif len(kids) >= 2:
-            stack.extend(kids)
-        else:
-            units[i].enclosed = len(kids)
-            chosen.append(units[i])
-    return chosen
+
+    def choose(roots: list[int]) -> list[Region]:
+        chosen, stack = [], list(roots)
+        while stack:
+            i = stack.pop()
+            kids = children.get(i, [])
+            if units[i].kind == "transition" and not transitions:
+                chosen.append(units[i])
+                stack.extend(kids)
+            elif len(kids) >= 2:
+                stack.extend(kids)
+            else:
+                units[i].enclosed = len(kids)
+                if units[i].kind == "transition" and kids:
+                    units[i].inner = choose(kids)
+                chosen.append(units[i])
+        return chosen
+
+    return choose(children.get(None, []))
 
 
 def _layer_blocks(g, output, order, modules, taken: set, transitions: bool) -> list[Region]:
@@ -314,6 +324,23 @@ def find_blocks(gm: torch.fx.GraphModule, *, transitions: bool = False) -> list[
     taken = {n for r in units if r.kind != "transition" or transitions for n in r.nodes}
     layers = _layer_blocks(g, output, order, modules, taken, transitions)
     regions = sorted(units + layers, key=lambda r: order[r.exit])
-    for region in regions:
+    if transitions:  # the layers inside a transition unit, for when it is declined
+        for unit in (r for r in units if r.kind == "transition"):
+            _add_inner_layers(unit, g, output, order, modules, transitions)
+    stack = list(regions)
+    while stack:
+        region = stack.pop()
         _attach_side_nodes(region, g, order)
+        stack.extend(region.inner)
     return regions
+
+
+def _add_inner_layers(unit: Region, g, output, order, modules, transitions: bool) -> None:
+    """Complete ``unit.inner`` (its inner units) with the layer blocks between them, in graph order."""
+    for inner in unit.inner:
+        if inner.kind == "transition":
+            _add_inner_layers(inner, g, output, order, modules, transitions)
+    inside = set(unit.nodes)
+    taken = {n for n in g.nodes if n not in inside} | {n for r in unit.inner for n in r.nodes} | {unit.exit}
+    layers = _layer_blocks(g, output, order, modules, taken, transitions)
+    unit.inner = sorted(unit.inner + layers, key=lambda r: order[r.exit])

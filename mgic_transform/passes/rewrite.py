@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.fx
@@ -239,11 +239,14 @@ def rewrite_blocks(gm: torch.fx.GraphModule, regions: Sequence[Region], *, group
     modules = dict(gm.named_modules())
     factory = VariantFactory()
     # read off before any splice changes modules or erases nodes (a declined unit may hold rewritten blocks)
-    params_before = {id(r): _unique_params(gm, r) for r in regions}
-    channel_dims = {id(r): block_channel_dim(r.entry, r.nodes, modules) for r in regions}
+    every = list(_with_inner(regions))
+    params_before = {id(r): _unique_params(gm, r) for r in every}
+    channel_dims = {id(r): block_channel_dim(r.entry, r.nodes, modules) for r in every}
     readers = _weight_readers(gm)
     by_prefix = _by_prefix(gm)
-    for region in regions:
+    pending = list(reversed(regions))  # a stack: a declined unit pushes the blocks inside it
+    while pending:
+        region = pending.pop()
         region.entry = replaced.get(region.entry, region.entry)
         path, layers = _block_path(modules, region)
         cd = channel_dims[id(region)]
@@ -262,6 +265,9 @@ def rewrite_blocks(gm: torch.fx.GraphModule, regions: Sequence[Region], *, group
         except _Decline as why:
             inner = sum(1 for d in decisions if d.rewritten and set(d.nodes) <= {n.name for n in region.nodes})
             reason = str(why) + (f"; {inner} block(s) inside it rewritten on their own" if inner else "")
+            if region.inner:
+                reason += f"; the {len(region.inner)} block(s) inside it are tried instead"
+                pending.extend(reversed(region.inner))
             decisions.append(BlockDecision(status=SKIPPED, reason=reason, params_before=params_before[id(region)],
                                            **widths, **common))
             continue
@@ -270,6 +276,12 @@ def rewrite_blocks(gm: torch.fx.GraphModule, regions: Sequence[Region], *, group
         replaced[region.exit] = _splice(gm, region, target, mgic)
         decisions.append(BlockDecision(status=REWRITTEN, reason=None, module=target, **widths, **info, **common))
     return decisions
+
+
+def _with_inner(regions: Sequence[Region]) -> Iterator[Region]:
+    for r in regions:
+        yield r
+        yield from _with_inner(r.inner)
 
 
 def _splice(gm: torch.fx.GraphModule, region: Region, target: str, mgic: MGICBlock) -> torch.fx.Node:
