@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import operator
 import sys
 import time
@@ -49,7 +48,7 @@ from _common import code_version, load_line, machine_line, median  # noqa: E402
 
 import mgic_transform as mt  # noqa: E402
 from mgic_transform.nn.mgic_block import _writable  # noqa: E402
-from mgic_transform.nn.transfer import CONV_BY_DIMS, POINTWISE_BY_DIMS  # noqa: E402
+from mgic_transform.nn.transfer import POINTWISE_BY_DIMS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINE = "MGIC baseline (as of ae76e27: nn.Conv2d for grouped 1x1, out of place, `+=` traced as `+`)"
@@ -114,9 +113,7 @@ def plain_pointwise_convs(module: nn.Module) -> nn.Module:
     """Swap every :class:`~mgic_transform.nn.transfer.PointwiseConv2d` (in place) for the ``nn.Conv2d`` it computes."""
     for name, m in list(module.named_modules()):
         if type(m) in POINTWISE_BY_DIMS.values():
-            conv = CONV_BY_DIMS[len(m.kernel_size)](m.in_channels, m.out_channels, 1, groups=m.groups, bias=m.bias is not None)
-            conv.load_state_dict(m.state_dict())
-            module.set_submodule(name, conv.train(m.training))
+            module.set_submodule(name, m.to_conv())
     return module
 
 

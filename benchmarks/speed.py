@@ -55,7 +55,7 @@ import torchvision
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import code_version, count_params, load_line, machine_line, median  # noqa: E402
+from _common import code_version, load_line, machine_line, median  # noqa: E402
 
 import mgic_transform as mt  # noqa: E402
 

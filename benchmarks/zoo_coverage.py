@@ -34,7 +34,7 @@ import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -195,7 +195,7 @@ def to_markdown(rows: list[Row], args: argparse.Namespace, zoo: str, started: st
         f"- machine: {machine_line()}",
         f"- code: {code_version()}",
         f"- load when started: {started}; when finished: {load_line()}; sweep wall time {wall:.0f} s",
-        f"- FLOPs: " + ("fvcore via `mgic_transform.compare` (1 multiply-add = 1 FLOP, real forward)"
+        "- FLOPs: " + ("fvcore via `mgic_transform.compare` (1 multiply-add = 1 FLOP, real forward)"
                         if args.flops == "fvcore" else
                         "`torch.utils.flop_counter` on fake tensors, conv/linear/matmul/attention multiply-adds only"),
         "- transform s: wall time of `mgicify()` alone (model construction excluded); check s: the two fake "

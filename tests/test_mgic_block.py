@@ -126,6 +126,16 @@ def test_pointwise_conv_computes_the_grouped_1x1_convolution(dims, groups, shape
         torch.testing.assert_close(a, b)
 
 
+def test_pointwise_conv_to_conv_is_the_same_layer():
+    torch.manual_seed(0)
+    fast = POINTWISE_BY_DIMS[2](16, 8, 4).eval()
+    conv = fast.to_conv()
+    assert type(conv) is nn.Conv2d and conv.groups == 4 and not conv.training
+    x = torch.randn(2, 16, 5, 5)
+    torch.testing.assert_close(conv(x), fast(x))
+    assert conv.weight.data_ptr() != fast.weight.data_ptr()  # a copy
+
+
 def test_pointwise_conv_takes_channels_last_inputs():
     torch.manual_seed(0)
     fast = POINTWISE_BY_DIMS[2](16, 8, 4)

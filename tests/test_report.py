@@ -48,15 +48,12 @@ def params_from_state_dict(model: nn.Module) -> int:
 
 def as_plain_convs(model: nn.Module) -> nn.Module:
     """A copy with every PointwiseConv (matmul forward) swapped for the ``nn.Conv{1,2,3}d`` it computes."""
-    from mgic_transform.nn.transfer import CONV_BY_DIMS, POINTWISE_BY_DIMS
+    from mgic_transform.nn.transfer import POINTWISE_BY_DIMS
 
     model = copy.deepcopy(model)
     for name, m in list(model.named_modules()):
         if type(m) in POINTWISE_BY_DIMS.values():
-            conv = CONV_BY_DIMS[len(m.kernel_size)](m.in_channels, m.out_channels, 1, groups=m.groups,
-                                                    bias=m.bias is not None)
-            conv.load_state_dict(m.state_dict())
-            model.set_submodule(name, conv.train(m.training))
+            model.set_submodule(name, m.to_conv())
     return model
 
 

@@ -48,6 +48,14 @@ class _PointwiseMixin:
     weight: torch.Tensor
     bias: torch.Tensor | None
 
+    def to_conv(self) -> nn.Module:
+        """The plain ``nn.Conv{1,2,3}d`` this layer computes (same weights, copied), e.g. for an export target."""
+        conv = CONV_BY_DIMS[len(self.kernel_size)](self.in_channels, self.out_channels, 1, groups=self.groups,
+                                                   bias=self.bias is not None, device=self.weight.device,
+                                                   dtype=self.weight.dtype)
+        conv.load_state_dict(self.state_dict())  # type: ignore[attr-defined]
+        return conv.train(self.training)  # type: ignore[attr-defined]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # A tensor in another memory format would be copied by the view below; a
         # torch.fx Proxy (symbolic tracing) is not a Tensor and records the matmul.
