@@ -17,7 +17,7 @@ from .passes.ownership import mark_overwritable_inputs
 from .passes.rewrite import rewrite_blocks
 from .passes.shapes import propagate_shapes
 from .plan import MGICPlan
-from .tracing import LeafSpec, trace
+from .tracing import LeafSpec, eliminate_dead_code, trace
 
 __all__ = ["mgicify", "infer_example_inputs"]
 
@@ -212,13 +212,13 @@ def mgicify(
     # buffers are cloned: tracing runs in-place buffer updates of forward() for real
     work = copy_structure(model, lambda t: t if isinstance(t, nn.Parameter) else t.clone())
     gm = trace(work, leaf_modules=(MGICBlock, *leaf_modules), concrete_args=concrete_args)
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm)
     if has_layers or inputs:
         propagate_shapes(gm, _graph_inputs(gm, inputs))
     regions = find_blocks(gm, transitions=transitions) if has_layers else []
     decisions = rewrite_blocks(gm, regions, group_size=group_size, coarsest_width=coarsest_width, skip=skip,
                                transitions=transitions)
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm)
     mark_overwritable_inputs(gm)
     gm.graph.lint()
     gm.recompile()

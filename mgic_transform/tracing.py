@@ -25,7 +25,7 @@ from torch import nn
 
 from .errors import TraceError
 
-__all__ = ["InPlaceProxy", "LeafTracer", "trace"]
+__all__ = ["InPlaceProxy", "LeafTracer", "trace", "writes_in_place", "eliminate_dead_code"]
 
 LeafSpec = Union[type, str]
 
@@ -46,6 +46,46 @@ for _name, _op in (("__iadd__", operator.iadd), ("__isub__", operator.isub), ("_
                    ("__itruediv__", operator.itruediv)):
     setattr(InPlaceProxy, _name,
             lambda self, other, op=_op: self.tracer.create_proxy("call_function", op, (self, other), {}))
+
+
+IN_PLACE_OPERATORS = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv})
+
+
+@functools.lru_cache(maxsize=None)
+def _inplace_position(fn: Any) -> Optional[int]:
+    """Position of an ``inplace`` parameter of ``fn`` (``F.relu(x, True)``), if it has one."""
+    try:
+        names = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return None
+    return names.index("inplace") if "inplace" in names else None
+
+
+def writes_in_place(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Does ``node`` write into its first argument (``x += y``, ``x.relu_()``, ``ReLU(inplace=True)``)?
+
+    Such a node matters even when nothing uses its result: the tensor it wrote is
+    read later under another name. Dead-code elimination must keep it.
+    """
+    if node.op == "call_module":
+        return getattr(modules.get(str(node.target)), "inplace", False) is True
+    if node.op == "call_method":
+        name = str(node.target)
+        return name.endswith("_") and not name.endswith("__")
+    if node.op == "call_function":
+        if node.target in IN_PLACE_OPERATORS or getattr(node.target, "__name__", "").endswith("_"):
+            return True
+        if node.kwargs.get("inplace") is True:
+            return True
+        pos = _inplace_position(node.target)
+        return pos is not None and len(node.args) > pos and node.args[pos] is True
+    return False
+
+
+def eliminate_dead_code(gm: torch.fx.GraphModule) -> None:
+    """``gm.graph.eliminate_dead_code()`` that keeps in-place ops whose result is unused (``y.relu_()``)."""
+    modules = dict(gm.named_modules())
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or writes_in_place(n, modules))
 
 
 class LeafTracer(torch.fx.Tracer):

@@ -80,3 +80,31 @@ def test_concrete_args_fix_python_arguments():
     with torch.no_grad():
         torch.testing.assert_close(gm(x).shape, model(x, use_gate=False).shape)
     assert isinstance(gm.get_submodule("body.0"), MGICBlock)
+
+
+class _InPlaceStatements(nn.Module):
+    """In-place ops used as statements: their results are unused, the tensors they write are not (B26)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv, self.bn = nn.Conv2d(3, 16, 1), nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.bn(self.conv(x))
+        y.relu_()
+        self.act(x)
+        z = x
+        z += y  # writes into x
+        return x
+
+
+def test_regression_in_place_statements_survive_dead_code_elimination():
+    torch.manual_seed(0)
+    model = _InPlaceStatements().eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm = mt.mgicify(model, x, group_size=4, coarsest_width=4)
+    gm.graph.lint()
+    assert "relu_()" in gm.code and "+=" in gm.code
+    torch.testing.assert_close(gm(x), model(x))

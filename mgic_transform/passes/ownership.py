@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.mgic_block import MGICBlock
+from ..tracing import writes_in_place
 
 __all__ = ["mark_overwritable_inputs", "is_fresh"]
 
@@ -51,27 +52,22 @@ _ALLOCATING_FUNCTIONS = {
     torch.cat, torch.concat, torch.relu, torch.sigmoid, torch.tanh,
     F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu, F.mish,
 }
-_IN_PLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, torch.relu_}
 _ALLOCATING_METHODS = {"add", "sub", "mul", "div", "relu", "sigmoid", "tanh", "clone"}
-_IN_PLACE_METHODS = {"add_", "sub_", "mul_", "div_", "relu_", "sigmoid_", "tanh_", "clamp_", "clamp_min_"}
 
 
 def _writes_into_first_argument(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool | None:
     """``True``: the op returns its first argument, written in place; ``False``: it allocates; ``None``: unknown."""
+    if writes_in_place(node, modules):
+        # only ops known to *return* the tensor they wrote (an in-place layer of another kind may not)
+        if node.op != "call_module" or isinstance(modules.get(str(node.target)), _ACTIVATION_MODULES):
+            return True
+        return None
     if node.op == "call_module":
         m = modules.get(str(node.target))
-        if isinstance(m, _ACTIVATION_MODULES):
-            return bool(getattr(m, "inplace", False))
-        return False if isinstance(m, _ALLOCATING_MODULES) else None
+        return False if isinstance(m, _ACTIVATION_MODULES + _ALLOCATING_MODULES) else None
     if node.op == "call_function":
-        if node.target in _IN_PLACE_FUNCTIONS:
-            return True
-        if node.target in _ALLOCATING_FUNCTIONS:  # F.relu(x, True) passes inplace by position
-            return bool(node.kwargs.get("inplace", False)) or any(a is True for a in node.args[1:])
-        return None
+        return False if node.target in _ALLOCATING_FUNCTIONS else None
     if node.op == "call_method":
-        if node.target in _IN_PLACE_METHODS:
-            return True
         return False if node.target in _ALLOCATING_METHODS else None
     return None  # placeholder, get_attr: memory the caller or the module holds
 
