@@ -15,7 +15,8 @@ For a block of width ``c`` the MGIC block holds a hierarchy of widths
 instead of recomputing the restriction. Coarse maps are dropped as soon as the
 way up has used them (the paper's inference-memory argument), and without
 autograd the residual and the correction are computed in place in tensors the
-block owns (never in its input). If every
+block owns, and in its input only where the caller passes ``overwrite_input=True``
+(the transformed graph does where nothing else reads that tensor). If every
 ``block_j`` is the identity, so is the MGIC block: ``y - x_{j+1}`` is zero,
 ``P_j`` has no bias and ``N_j`` starts with zero shift.
 
