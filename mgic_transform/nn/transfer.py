@@ -33,8 +33,8 @@ class _PointwiseMixin:
     copy of the input. PyTorch's CPU convolution instead runs a grouped 1x1 conv
     per group and per image with a ``narrow`` + ``contiguous`` copy of each group
     and a ``cat`` (its THNN kernel, chosen for 1x1 kernels on one thread), or
-    through oneDNN's grouped kernel; both were slower in
-    ``benchmarks/profile_mgic_block.py`` (forward and backward, 1 and 2 threads).
+    through oneDNN's grouped kernel; both were slower at every ResNet-50 MGIC
+    shape, forward and backward, 1 and 2 threads (``benchmarks/grouped_pointwise.py``).
 
     The math, the parameters and the ``state_dict`` are exactly those of the
     ``nn.Conv{1,2,3}d`` this is a subclass of. Ungrouped convolutions and inputs
