@@ -9,7 +9,9 @@ times forward (``inference_mode``) and forward + backward (gradients of input an
 * ``matmul``: ``PointwiseConv2d`` on the same input, one ``W[G, o, i] @ x[N, G, i, HW]``;
 * ``conv, channels_last`` and ``matmul, channels_last``: the same on a channels-last input,
   where ``PointwiseConv2d`` hands over to the convolution (oneDNN's channels-last kernel), so
-  its row measures that hand-over.
+  its row measures that hand-over;
+* ``bmm, channels_last``: the alternative it does not take, a matmul on the channels-last
+  layout (``x[N*H*W, G, i]`` batched over groups, the result copied back to channels-last).
 
 All four run interleaved, and each is reported as the median of ``--rounds``. The table is repeated
 for every ``--threads`` value. Outputs are checked against ``F.conv2d`` first.
@@ -57,6 +59,15 @@ def timed(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]
     return {k: 1e3 * median(v) for k, v in times.items()}
 
 
+def _nhwc_bmm(x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """Grouped 1x1 conv of a channels-last ``x`` as a matmul on its own layout."""
+    n, c, h, w = x.shape
+    o = weight.shape[0]
+    rows = x.permute(0, 2, 3, 1).reshape(-1, groups, c // groups).transpose(0, 1)  # (G, NHW, i), no copy
+    y = torch.bmm(rows, weight.view(groups, o // groups, c // groups).transpose(1, 2))  # (G, NHW, o/G)
+    return y.transpose(0, 1).reshape(n, h, w, o).permute(0, 3, 1, 2)  # channels-last (N, O, H, W)
+
+
 def measure(c_in: int, c_out: int, groups: int, hw: int, batch: int, rounds: int) -> dict[str, float]:
     torch.manual_seed(0)
     layer = PointwiseConv2d(c_in, c_out, groups, bias=False)
@@ -65,8 +76,11 @@ def measure(c_in: int, c_out: int, groups: int, hw: int, batch: int, rounds: int
         x = torch.randn(batch, c_in, hw, hw).contiguous(memory_format=fmt).requires_grad_()
         grad = torch.randn(batch, c_out, hw, hw).contiguous(memory_format=fmt)
         ways = {"conv": lambda x=x: F.conv2d(x, layer.weight, groups=groups), "matmul": lambda x=x: layer(x)}
+        if fmt is torch.channels_last:
+            ways["bmm"] = lambda x=x: _nhwc_bmm(x, layer.weight, groups)
         with torch.no_grad():
-            torch.testing.assert_close(ways["matmul"](), ways["conv"](), rtol=1e-4, atol=1e-4)
+            for k in ways:
+                torch.testing.assert_close(ways[k](), ways["conv"](), rtol=1e-4, atol=1e-4)
 
         def forward(f: Callable[[], torch.Tensor]) -> Callable[[], object]:
             def run() -> object:
@@ -103,15 +117,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                 f"- batch {args.batch}; ms, median of {rounds} interleaved rounds; fwd = forward under inference_mode, "
                 "fwd+bwd = forward + gradients of input and weight", "",
                 "| shape (in -> out, groups, HxW) | conv fwd | matmul fwd | conv fwd+bwd | matmul fwd+bwd | "
-                "conv fwd, channels_last | PointwiseConv2d fwd, channels_last | conv fwd+bwd, channels_last | "
-                "PointwiseConv2d fwd+bwd, channels_last |",
-                "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+                "conv fwd, channels_last | PointwiseConv2d fwd, channels_last | bmm fwd, channels_last | "
+                "conv fwd+bwd, channels_last | PointwiseConv2d fwd+bwd, channels_last | bmm fwd+bwd, channels_last |",
+                "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
         for c_in, c_out, g, hw in shapes:
             t = measure(c_in, c_out, g, hw, args.batch, rounds)
             cells = [f"{t[k][i]:.1f}" for k in ("conv", "matmul") for i in (0,)] + \
                     [f"{t[k][i]:.1f}" for k in ("conv", "matmul") for i in (1,)] + \
-                    [f"{t[k][i]:.1f}" for k in ("conv, channels_last", "matmul, channels_last") for i in (0,)] + \
-                    [f"{t[k][i]:.1f}" for k in ("conv, channels_last", "matmul, channels_last") for i in (1,)]
+                    [f"{t[k][i]:.1f}" for k in ("conv, channels_last", "matmul, channels_last", "bmm, channels_last")
+                     for i in (0,)] + \
+                    [f"{t[k][i]:.1f}" for k in ("conv, channels_last", "matmul, channels_last", "bmm, channels_last")
+                     for i in (1,)]
             row = f"| {c_in} -> {c_out}, {g}, {hw}x{hw} | " + " | ".join(cells) + " |"
             out.append(row)
             print(row, file=sys.stderr, flush=True)
