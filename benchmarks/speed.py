@@ -151,7 +151,7 @@ def run_case(name: str, args: argparse.Namespace) -> tuple[list[Line], dict]:
     torch.manual_seed(0)
     orig = torchvision.models.get_model(name, weights=None)
     t0 = time.perf_counter()
-    gm = mt.mgicify(orig, torch.zeros(1, 3, 224, 224), group_size=s_g, coarsest_width=s_c)
+    gm = mt.mgicify(orig, torch.zeros(1, 3, 224, 224), group_size=s_g, coarsest_width=s_c, transitions=args.transitions)
     t_transform = time.perf_counter() - t0
     report = mt.compare(orig, gm, torch.zeros(1, 3, 224, 224))
     plan = gm.meta["mgic"]
@@ -215,6 +215,7 @@ def to_markdown(all_lines: list[Line], infos: list[dict], args: argparse.Namespa
         f"- code: {code_version()}",
         f"- load: {started} at start, {load_line()} at end (other jobs share these 2 cores: compare ratios, "
         "which interleaving protects, more than absolute times)",
+        f"- mgicify: transitions={args.transitions}",
         f"- memory format: {'channels_last' if args.channels_last else 'contiguous (NCHW)'}; input 224x224; "
         f"times are medians of {args.rounds} interleaved rounds for inference, {max(2, args.rounds // 2)} for training, "
         f"after {args.warmup} warm-up call(s)",
@@ -245,6 +246,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="torch.set_num_threads (default 1: on a shared 2-core machine multi-threaded ops stall at "
                         "every barrier when another job holds a core; see README)")
     p.add_argument("--no-fold", action="store_true", help="skip the BN-folded inference comparison")
+    p.add_argument("--transitions", action="store_true",
+                   help="mgicify(transitions=True): also rewrite the width-changing blocks (the paper's MGIC-ResNet-50)")
     p.add_argument("--quick", action="store_true", help="2 rounds, 1 warm-up, batch 1 inference, batch 2 training")
     p.add_argument("--write", action="store_true", help="also write benchmarks/results/speed[_channels_last].md")
     args = p.parse_args(argv)
@@ -267,7 +270,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(md)
     if args.write:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / ("speed_channels_last.md" if args.channels_last else "speed.md")
+        path = RESULTS / ("speed" + ("_transitions" if args.transitions else "")
+                          + ("_channels_last" if args.channels_last else "") + ".md")
         path.write_text(md)
         print(f"wrote {path}", file=sys.stderr)
     return 0
