@@ -1,0 +1,55 @@
+"""The speed benchmarks run (``--quick``) and print what they claim to measure.
+
+They are measurement scripts, not tests of speed: these checks only keep them from rotting
+(a signature change in ``MGICBlock.forward`` broke the profile's ablation once). Each runs
+in a subprocess from the repository root, ~5-20 s; marked ``slow``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+def run(args: list[str], timeout: int = 300) -> str:
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def rows(out: str, first_cell: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
+            if line.startswith(f"| {first_cell}")]
+
+
+def test_speed_quick_measures_both_models_of_a_case():
+    out = run(["benchmarks/speed.py", "--quick", "--models", "mobilenet_v3_large"])
+    lines = {r[1]: r for r in rows(out, "mobilenet_v3_large") if len(r) == 6}
+    for what in ("inference latency, batch 1", "peak memory, inference batch 1", "training step, batch 2",
+                 "inference latency, batch 1, both BN-folded"):
+        assert what in lines, sorted(lines)
+        orig, mgic, ratio = (float(re.match(r"[\d.]+", c).group()) for c in lines[what][2:5])
+        assert orig > 0 and mgic > 0 and ratio == pytest.approx(mgic / orig, abs=0.01)
+
+
+def test_profile_ablation_checks_every_variant_against_the_package():
+    out = run(["benchmarks/profile_mgic_block.py", "--quick", "--ablation"])
+    variants = [r[0] for r in rows(out, "") if len(r) == 4 and r[0] not in ("network", "---")]
+    assert any(v.startswith("MGIC baseline") for v in variants) and "MGIC + mt.fold_batchnorm" in variants
+    assert len(rows(out, "layer")) == 12  # every MGIC block of ResNet-50, timed against its bottleneck
+
+
+def test_grouped_pointwise_quick():
+    out = run(["benchmarks/grouped_pointwise.py", "--quick", "--threads", "1"])
+    table = rows(out, "256 -> 128") + rows(out, "128 -> 256")
+    assert len(table) == 2 and all(len(r) == 11 and all(float(c) > 0 for c in r[1:]) for r in table)
