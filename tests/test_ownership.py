@@ -108,3 +108,33 @@ def test_overwriting_network_matches_autograd_and_keeps_the_input():
     with torch.inference_mode():
         torch.testing.assert_close(gm(x), ref)
     torch.testing.assert_close(x, x_before, rtol=0, atol=0)
+
+
+def test_a_graph_edit_that_reads_a_block_input_later_needs_fresh_marks():
+    """Returning the tensor between two MGIC blocks adds a reader the marks did not see: with the stale
+    mark the second block overwrites the returned tensor at inference; mark_overwritable_inputs recomputes
+    the marks (and removes the stale one). (torchvision's create_feature_extractor traces *through* the
+    blocks, so its graphs have no marks and no in-place path at all.)"""
+    from mgic_transform.passes.ownership import mark_overwritable_inputs
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    gm = mt.mgicify(torchvision.models.resnet18(), x, group_size=16, coarsest_width=32).eval()
+    block = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "layer1.1")
+    between = block.args[0]
+    assert block.kwargs.get("overwrite_input")
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    output.args = ((output.args[0], between),)  # the edit: also return the block's input
+    gm.recompile()
+    with torch.enable_grad():
+        ref = gm(x)
+    with torch.inference_mode():
+        stale = gm(x)
+    assert not torch.allclose(stale[1], ref[1])  # the hazard is real
+    assert mark_overwritable_inputs(gm) >= 1
+    gm.recompile()
+    assert not block.kwargs.get("overwrite_input")
+    with torch.inference_mode():
+        got = gm(x)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)

@@ -91,9 +91,14 @@ def is_fresh(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
 
 
 def mark_overwritable_inputs(gm: torch.fx.GraphModule) -> int:
-    """Set ``overwrite_input=True`` on every MGIC block call whose input is fresh and read by it alone.
+    """Mark every MGIC block call whose input is fresh and read by it alone; unmark every other.
 
-    Returns the number of calls marked. Call ``gm.recompile()`` afterwards.
+    ``mgicify`` calls it on its result. Call it again (then ``gm.recompile()``)
+    on a graph you edited so that it reads a block's input after the block, e.g.
+    a feature extractor built with ``torchvision.models.feature_extraction`` that
+    returns the tensor between two MGIC blocks: a mark made before the edit
+    would let the second block overwrite that returned tensor at inference.
+    Returns the number of calls marked.
     """
     modules = dict(gm.named_modules())
     marked = 0
@@ -101,7 +106,9 @@ def mark_overwritable_inputs(gm: torch.fx.GraphModule) -> int:
         if node.op != "call_module" or not isinstance(modules.get(str(node.target)), MGICBlock):
             continue
         x = node.args[0] if node.args else None
+        kwargs = {k: v for k, v in node.kwargs.items() if k != "overwrite_input"}
         if isinstance(x, torch.fx.Node) and len(x.users) == 1 and is_fresh(x, modules):
-            node.kwargs = {**node.kwargs, "overwrite_input": True}
+            kwargs["overwrite_input"] = True
             marked += 1
+        node.kwargs = kwargs
     return marked
