@@ -4,13 +4,15 @@ An MGIC network runs many more (smaller) ops than the original, so per-op
 overhead matters on CPU. In eval mode a BatchNorm is a per-channel affine map
 and folds exactly (up to float rounding) into the convolution before it: inside
 every block level, ``N_j`` into ``P_j``, and in the rest of the graph.
-``benchmarks/profile_mgic_block.py`` measured the effect on ResNet-50 MGIC blocks
-(0.91x of the unfolded time, batch 8, one thread).
+``benchmarks/profile_mgic_block.py --ablation`` measures the effect on the MGIC
+ResNet-50 (``benchmarks/results/profile_mgic_block.md``: 610 vs 707 ms, batch 8,
+one thread).
 """
 
 from __future__ import annotations
 
 import copy
+from collections import Counter
 
 import torch.fx
 from torch import nn
@@ -26,9 +28,11 @@ __all__ = ["fold_batchnorm"]
 # Exact types: a user's conv subclass may do more in forward() than the folded weights know of.
 _FOLDABLE = (*CONV_TYPES, *POINTWISE_BY_DIMS.values())
 
+
 def _fold_graph(gm: torch.fx.GraphModule) -> None:
     """Fold every ``conv -> bn`` call_module pair of ``gm``'s own graph (the conv feeding only the BN)."""
     changed = False
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), nn.modules.batchnorm._BatchNorm):
             continue
@@ -38,7 +42,7 @@ def _fold_graph(gm: torch.fx.GraphModule) -> None:
         conv, bn = gm.get_submodule(src.target), gm.get_submodule(node.target)
         if type(conv) not in _FOLDABLE or not bn.track_running_stats or bn.running_mean is None:
             continue
-        if sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == src.target) != 1:
+        if calls[src.target] != 1:
             continue  # a conv module called twice cannot absorb one of its BNs
         gm.add_submodule(str(src.target), fuse_conv_bn_eval(conv, bn))
         node.replace_all_uses_with(src)

@@ -237,8 +237,6 @@ def trace(
         try:
             graph = tracer.trace(model, concrete_args=concrete_args)
         except Exception:
-            if not tracer.dynamic_training:
-                raise
             # `if self.training:` cannot branch on a graph value: fix the flags to their current values instead
             # (a model that is untraceable for another reason fails the same way again, and is reported below)
             tracer = LeafTracer(leaf_modules, dynamic_training=False)

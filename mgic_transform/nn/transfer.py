@@ -106,7 +106,8 @@ def pointwise_like(conv: nn.Module) -> type | None:
         return None
     if any(v != 1 for v in (*conv.kernel_size, *conv.stride, *conv.dilation)):
         return None
-    if isinstance(conv.padding, str) and conv.padding != "valid" or not isinstance(conv.padding, str) and any(conv.padding):
+    padded = conv.padding != "valid" if isinstance(conv.padding, str) else any(conv.padding)
+    if padded:
         return None
     return POINTWISE_BY_DIMS[len(conv.kernel_size)]
 

@@ -94,10 +94,11 @@ def mark_overwritable_inputs(gm: torch.fx.GraphModule) -> int:
     """Mark every MGIC block call whose input is fresh and read by it alone; unmark every other.
 
     ``mgicify`` calls it on its result. Call it again (then ``gm.recompile()``)
-    on a graph you edited so that it reads a block's input after the block, e.g.
-    a feature extractor built with ``torchvision.models.feature_extraction`` that
-    returns the tensor between two MGIC blocks: a mark made before the edit
-    would let the second block overwrite that returned tensor at inference.
+    on a graph you edited so that it reads a block's input after the block
+    (say, also returns the tensor between two MGIC blocks): a mark made before
+    the edit would let the second block overwrite that tensor at inference.
+    (``torchvision.models.feature_extraction`` traces through the blocks, so its
+    graphs carry no marks and need nothing.)
     Returns the number of calls marked.
     """
     modules = dict(gm.named_modules())
