@@ -7,17 +7,20 @@ when run from the repository root (``python benchmarks/zoo_coverage.py``) or as
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
 import statistics
 import subprocess
+import time
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["machine_line", "load_line", "code_version", "fake_forward", "out_shapes", "count_params", "median", "fmt_ratio"]
+__all__ = ["machine_line", "load_line", "code_version", "fake_forward", "out_shapes", "count_params", "interleaved", "median",
+           "fmt_ratio"]
 
 
 def _cpu_model() -> str:
@@ -102,6 +105,22 @@ def out_shapes(out: Any) -> Any:
 def count_params(model: nn.Module) -> int:
     """Scalar entries of ``model.parameters()`` (shared tensors counted once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def interleaved(fns: dict[str, Callable[[], None]], rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Time every function ``rounds`` times, round-robin, alternating the order; ``warmup`` untimed calls first."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    keys = list(fns)
+    for r in range(rounds):
+        for k in (keys if r % 2 == 0 else keys[::-1]):
+            gc.collect()
+            t0 = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t0)
+    return times
 
 
 def median(xs: Sequence[float]) -> float:

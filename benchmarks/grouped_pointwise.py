@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -34,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import code_version, load_line, machine_line, median  # noqa: E402
+from _common import code_version, interleaved, load_line, machine_line, median  # noqa: E402
 
 from mgic_transform.nn.transfer import PointwiseConv2d  # noqa: E402
 
@@ -46,17 +45,8 @@ SHAPES = [(256, 128, 8, 56), (128, 256, 8, 56), (256, 64, 8, 56), (64, 256, 8, 5
 
 
 def timed(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    for fn in fns.values():  # warm-up
-        fn()
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    keys = list(fns)
-    for r in range(rounds):
-        for k in (keys if r % 2 == 0 else keys[::-1]):
-            t0 = time.perf_counter()
-            fns[k]()
-            times[k].append(time.perf_counter() - t0)
-    return {k: 1e3 * median(v) for k, v in times.items()}
+    """Median milliseconds of every function (see ``_common.interleaved``)."""
+    return {k: 1e3 * median(v) for k, v in interleaved(fns, rounds, warmup=2).items()}
 
 
 def _nhwc_bmm(x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:

@@ -33,7 +33,6 @@ import argparse
 import copy
 import operator
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Optional
@@ -44,11 +43,11 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import code_version, load_line, machine_line, median  # noqa: E402
+from _common import code_version, interleaved, load_line, machine_line, median  # noqa: E402
 
 import mgic_transform as mt  # noqa: E402
 from mgic_transform.nn.mgic_block import _writable  # noqa: E402
-from mgic_transform.nn.transfer import POINTWISE_BY_DIMS  # noqa: E402
+from mgic_transform.nn.transfer import plain_convs  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINE = "MGIC baseline (as of ae76e27: nn.Conv2d for grouped 1x1, out of place, `+=` traced as `+`)"
@@ -91,7 +90,7 @@ class BaselineMGICBlock(mt.MGICBlock):
                          coarsest_mutates_input=block.coarsest_mutates_input)
         self.inplace = inplace
         if not matmul_1x1:
-            plain_pointwise_convs(self)
+            plain_convs(self)
 
     def forward(self, x: torch.Tensor, *, overwrite_input: bool = False) -> torch.Tensor:
         if self.inplace:
@@ -107,14 +106,6 @@ class BaselineMGICBlock(mt.MGICBlock):
             y = xs[-1] + self.norms[j](self.prolong[j](y - restricted))
             y = self.levels[j](y)
         return y
-
-
-def plain_pointwise_convs(module: nn.Module) -> nn.Module:
-    """Swap every :class:`~mgic_transform.nn.transfer.PointwiseConv2d` (in place) for the ``nn.Conv2d`` it computes."""
-    for name, m in list(module.named_modules()):
-        if type(m) in POINTWISE_BY_DIMS.values():
-            module.set_submodule(name, m.to_conv())
-    return module
 
 
 def out_of_place_adds(net: nn.Module) -> nn.Module:
@@ -152,19 +143,13 @@ def block_inputs(gm: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def timeit(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 2) -> dict[str, float]:
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for f in fns.values():
-                f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    keys = list(fns)
-    for r in range(rounds):
-        for k in (keys if r % 2 == 0 else keys[::-1]):
-            t0 = time.perf_counter()
-            f = fns[k]
+    """Median seconds of every function, each call under ``torch.inference_mode()`` (see ``_common.interleaved``)."""
+    def in_inference_mode(f: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
             with torch.inference_mode():
                 f()
-            times[k].append(time.perf_counter() - t0)
+        return run
+    times = interleaved({k: in_inference_mode(f) for k, f in fns.items()}, rounds, warmup)
     return {k: median(v) for k, v in times.items()}
 
 

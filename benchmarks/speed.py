@@ -55,7 +55,7 @@ import torchvision
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import code_version, load_line, machine_line, median  # noqa: E402
+from _common import code_version, interleaved, load_line, machine_line, median  # noqa: E402
 
 import mgic_transform as mt  # noqa: E402
 
@@ -79,22 +79,6 @@ class Line:
     @property
     def ratio(self) -> float:
         return self.mgic / self.orig
-
-
-def interleaved(fns: dict[str, Callable[[], None]], rounds: int, warmup: int) -> dict[str, list[float]]:
-    """Time every function ``rounds`` times, round-robin, alternating the order; ``warmup`` untimed calls first."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    keys = list(fns)
-    for r in range(rounds):
-        for k in (keys if r % 2 == 0 else keys[::-1]):
-            gc.collect()
-            t0 = time.perf_counter()
-            fns[k]()
-            times[k].append(time.perf_counter() - t0)
-    return times
 
 
 def inference_fn(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:

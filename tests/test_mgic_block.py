@@ -13,6 +13,7 @@ from mgic_transform.nn.transfer import (
     GroupedLinear,
     make_residual_norm,
     make_transfer,
+    plain_convs,
     pointwise_like,
 )
 
@@ -134,6 +135,17 @@ def test_pointwise_conv_to_conv_is_the_same_layer():
     x = torch.randn(2, 16, 5, 5)
     torch.testing.assert_close(conv(x), fast(x))
     assert conv.weight.data_ptr() != fast.weight.data_ptr()  # a copy
+
+
+def test_plain_convs_swaps_every_pointwise_conv_and_keeps_the_output():
+    torch.manual_seed(0)
+    gm = mt.mgicify(_Bottleneck(32), torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=8).eval()
+    x = torch.randn(2, 3, 8, 8)
+    before = gm(x)
+    assert any(type(m) in POINTWISE_BY_DIMS.values() for m in gm.modules())
+    assert plain_convs(gm) is gm
+    assert not any(type(m) in POINTWISE_BY_DIMS.values() for m in gm.modules())
+    torch.testing.assert_close(gm(x), before)
 
 
 def test_pointwise_conv_takes_channels_last_inputs():

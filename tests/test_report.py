@@ -48,13 +48,9 @@ def params_from_state_dict(model: nn.Module) -> int:
 
 def as_plain_convs(model: nn.Module) -> nn.Module:
     """A copy with every PointwiseConv (matmul forward) swapped for the ``nn.Conv{1,2,3}d`` it computes."""
-    from mgic_transform.nn.transfer import POINTWISE_BY_DIMS
+    from mgic_transform.nn.transfer import plain_convs
 
-    model = copy.deepcopy(model)
-    for name, m in list(model.named_modules()):
-        if type(m) in POINTWISE_BY_DIMS.values():
-            model.set_submodule(name, m.to_conv())
-    return model
+    return plain_convs(copy.deepcopy(model))
 
 
 def fvcore_direct(model: nn.Module, x: torch.Tensor):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["GroupedLinear", "PointwiseConv1d", "PointwiseConv2d", "PointwiseConv3d", "ChannelBatchNorm",
-           "make_transfer", "make_residual_norm", "init_transfer_", "pointwise_like"]
+           "make_transfer", "make_residual_norm", "init_transfer_", "pointwise_like", "plain_convs"]
 
 CONV_BY_DIMS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 BN_BY_DIMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -94,6 +94,19 @@ class PointwiseConv3d(_PointwiseMixin, nn.Conv3d):
 
 
 POINTWISE_BY_DIMS = {1: PointwiseConv1d, 2: PointwiseConv2d, 3: PointwiseConv3d}
+
+
+def plain_convs(module: nn.Module) -> nn.Module:
+    """Swap, in place, every :class:`PointwiseConv2d` (1d/3d) in ``module`` for the plain conv it computes.
+
+    The result computes the same (grouped 1x1 convs through PyTorch's convolution);
+    useful to compare against, or for a consumer that knows only ``nn.Conv2d``.
+    Returns ``module``.
+    """
+    for name, m in list(module.named_modules()):
+        if isinstance(m, _PointwiseMixin):
+            module.set_submodule(name, m.to_conv())
+    return module
 
 
 def pointwise_like(conv: nn.Module) -> type | None:
