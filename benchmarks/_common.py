@@ -12,14 +12,16 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["machine_line", "load_line", "code_version", "fake_forward", "out_shapes", "count_params", "interleaved", "median",
+__all__ = ["machine_line", "load_line", "code_version", "fake_forward", "out_shapes", "count_params", "interleaved", "emit", "median",
            "fmt_ratio"]
 
 
@@ -121,6 +123,15 @@ def interleaved(fns: dict[str, Callable[[], None]], rounds: int, warmup: int) ->
             fns[k]()
             times[k].append(time.perf_counter() - t0)
     return times
+
+
+def emit(md: str, path: Optional[Path]) -> None:
+    """Print a benchmark's Markdown report; with ``path`` (``--write``) also save it there."""
+    print(md)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(md)
+        print(f"wrote {path}", file=sys.stderr)
 
 
 def median(xs: Sequence[float]) -> float:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import code_version, interleaved, load_line, machine_line, median  # noqa: E402
+from _common import code_version, emit, interleaved, load_line, machine_line, median  # noqa: E402
 
 from mgic_transform.nn.transfer import PointwiseConv2d  # noqa: E402
 
@@ -124,11 +124,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         out.append("")
     out += [f"- code: {code_version()}", f"- load: {started} at start, {load_line()} at end"]
     md = "\n".join(out) + "\n"
-    print(md)
-    if args.write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "grouped_pointwise.md").write_text(md)
-        print(f"wrote {RESULTS / 'grouped_pointwise.md'}", file=sys.stderr)
+    emit(md, RESULTS / "grouped_pointwise.md" if args.write else None)
     return 0
 
 

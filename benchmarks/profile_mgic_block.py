@@ -43,7 +43,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import code_version, interleaved, load_line, machine_line, median  # noqa: E402
+from _common import code_version, emit, interleaved, load_line, machine_line, median  # noqa: E402
 
 import mgic_transform as mt  # noqa: E402
 from mgic_transform.nn.mgic_block import _writable  # noqa: E402
@@ -304,12 +304,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             "", "## Per op (all 12 MGIC blocks, one network pass, by self CPU time)", "",
             "| op | calls | self ms | share |", "|---|--:|--:|--:|", *ops]
     md = "\n".join(out) + "\n"
-    print(md)
-    if args.write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / ("profile_mgic_block_channels_last.md" if args.channels_last else "profile_mgic_block.md")
-        path.write_text(md)
-        print(f"wrote {path}", file=sys.stderr)
+    name = "profile_mgic_block_channels_last.md" if args.channels_last else "profile_mgic_block.md"
+    emit(md, RESULTS / name if args.write else None)
     return 0
 
 

@@ -55,7 +55,7 @@ import torchvision
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import code_version, interleaved, load_line, machine_line, median  # noqa: E402
+from _common import code_version, emit, interleaved, load_line, machine_line, median  # noqa: E402
 
 import mgic_transform as mt  # noqa: E402
 
@@ -251,13 +251,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         all_lines += lines
         infos.append(info)
     md = to_markdown(all_lines, infos, args, started)
-    print(md)
-    if args.write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / ("speed" + ("_transitions" if args.transitions else "")
-                          + ("_channels_last" if args.channels_last else "") + ".md")
-        path.write_text(md)
-        print(f"wrote {path}", file=sys.stderr)
+    name = "speed" + ("_transitions" if args.transitions else "") + ("_channels_last" if args.channels_last else "") + ".md"
+    emit(md, RESULTS / name if args.write else None)
     return 0
 
 

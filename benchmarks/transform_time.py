@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import code_version, load_line, machine_line, median  # noqa: E402
+from _common import code_version, emit, load_line, machine_line, median  # noqa: E402
 
 import mgic_transform as mt  # noqa: E402
 
@@ -194,11 +194,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     "| function (direct callees of mgicify; └ = heaviest callees, 3 levels down) | calls | cumulative s | share |",
                     "|---|--:|--:|--:|"] + lines
     md = "\n".join(out) + "\n"
-    print(md)
-    if args.write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "transform_time.md").write_text(md)
-        print(f"wrote {RESULTS / 'transform_time.md'}", file=sys.stderr)
+    emit(md, RESULTS / "transform_time.md" if args.write else None)
     return 0
 
 

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import code_version, count_params, fake_forward, fake_module_call, fmt_ratio, load_line, machine_line, out_shapes  # noqa: E402
+from _common import code_version, count_params, emit, fake_forward, fake_module_call, fmt_ratio, load_line, machine_line, out_shapes  # noqa: E402
 
 import mgic_transform as mt  # noqa: E402
 from mgic_transform.passes.shapes import run_fake  # noqa: E402
@@ -272,12 +272,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"[{i}/{len(names)}] {name}: {row.rewritten}/{row.candidates} blocks, params x{fmt_ratio(row.params_ratio)}, "
               f"FLOPs x{fmt_ratio(row.flops_ratio)}, {_f(row.transform_s, '.2f')} s, {row.status}", file=sys.stderr, flush=True)
     md = to_markdown(rows, args, zoo, started, time.perf_counter() - t_start)
-    print(md)
-    if args.write:
-        path = args.output or RESULTS / ("zoo_coverage_timm.md" if args.timm else "zoo_coverage.md")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(md)
-        print(f"wrote {path}", file=sys.stderr)
+    emit(md, (args.output or RESULTS / ("zoo_coverage_timm.md" if args.timm else "zoo_coverage.md")) if args.write else None)
     return 0
 
 
