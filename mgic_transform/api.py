@@ -14,7 +14,8 @@ from .errors import ConfigError, InputError
 from .nn.mgic_block import MGICBlock
 from .passes.blocks import find_blocks
 from .passes.ownership import mark_overwritable_inputs
-from .passes.rewrite import rewrite_blocks
+from .hierarchy import RULES
+from .passes.rewrite import RewriteOptions, rewrite_blocks
 from .passes.shapes import propagate_shapes
 from .plan import MGICPlan
 from .tracing import LeafSpec, eliminate_dead_code, trace
@@ -158,6 +159,7 @@ def mgicify(
     coarsest_width: Optional[int] = None,
     skip: Iterable[str] = (),
     transitions: bool = False,
+    rule: str = "paper",
     leaf_modules: Iterable[LeafSpec] = (),
     concrete_args: Optional[dict[str, Any]] = None,
 ) -> torch.fx.GraphModule:
@@ -179,6 +181,12 @@ def mgicify(
         skip: glob patterns over module paths (``"layer4.*"``) of blocks to leave alone.
         transitions: also rewrite width-changing blocks (paper Sec. 3.3: a
             depthwise 3x3 connector to the new width, then an MGIC block).
+        rule: how a block's levels are chosen (:mod:`mgic_transform.hierarchy`).
+            ``"paper"`` (default) follows the authors' code and reproduces the
+            paper's tables: levels halve the block's *narrowest* width (a
+            bottleneck's inner width) and every layer of level ``j`` gets
+            ``m_j / s_g`` groups. ``"compact"`` halves the outer width and groups
+            by ``c_j / s_g``: much smaller networks than the paper's.
         leaf_modules: module classes or path patterns that ``torch.fx`` should not
             trace into (the escape hatch for data-dependent control flow).
         concrete_args: passed to ``torch.fx.Tracer.trace`` to fix Python-level arguments.
@@ -200,6 +208,9 @@ def mgicify(
     group_size = _check_positive_int("group_size", group_size)
     coarsest_width = group_size if coarsest_width is None else _check_positive_int("coarsest_width", coarsest_width)
     skip = _normalise_skip(skip)
+    if rule not in RULES:
+        raise ConfigError(f"rule must be one of {', '.join(map(repr, RULES))}, got {rule!r}. Hint: rule=\"paper\" "
+                          f"builds the paper's networks, rule=\"compact\" smaller ones.")
     has_layers = any(isinstance(m, _LAYERS) for m in model.modules())
     if example_inputs is not None:
         inputs = _normalise_inputs(example_inputs)
@@ -216,8 +227,9 @@ def mgicify(
     if has_layers or inputs:
         propagate_shapes(gm, _graph_inputs(gm, inputs))
     regions = find_blocks(gm, transitions=transitions) if has_layers else []
-    decisions = rewrite_blocks(gm, regions, group_size=group_size, coarsest_width=coarsest_width, skip=skip,
-                               transitions=transitions)
+    options = RewriteOptions(rule=rule, group_size=group_size, coarsest_width=coarsest_width, skip=skip,
+                             transitions=transitions)
+    decisions = rewrite_blocks(gm, regions, options)
     eliminate_dead_code(gm)
     mark_overwritable_inputs(gm)
     gm.graph.lint()
@@ -227,7 +239,7 @@ def mgicify(
     own_tensors(gm, keep=lambda m: isinstance(m, MGICBlock))  # private copies of the kept original weights
     _copy_training_flags(model, gm)
 
-    unused = [p for p in skip if not any(f"pattern {p!r}" in (d.reason or "") for d in decisions)]
+    unused = [p for p in skip if not any(d.skip_pattern == p for d in decisions)]
     if unused:
         warnings.warn(f"skip pattern(s) {unused} matched no block; module paths look like "
                       f"{[d.path for d in decisions[:3]]}", UserWarning, stacklevel=2)
@@ -244,7 +256,7 @@ def mgicify(
         notes.append("the model has no Conv or Linear layer: nothing to rewrite")
     elif not decisions:
         notes.append("no equal-width block with a channel-mixing layer was found")
-    gm.meta["mgic"] = MGICPlan(group_size, coarsest_width, transitions, skip, tuple(decisions), tuple(notes))
+    gm.meta["mgic"] = MGICPlan(group_size, coarsest_width, transitions, skip, tuple(decisions), tuple(notes), rule=rule)
     gm.meta["mgic_example_inputs"] = tuple(t.detach() for t in inputs)
     # GraphModule pickling rebuilds `meta` empty; a plain attribute survives torch.save / torch.load.
     gm._mgic_meta = {k: gm.meta[k] for k in ("mgic", "mgic_example_inputs")}

@@ -7,13 +7,31 @@ rewritten or not, so that :func:`mgic_transform.compare` can explain each one.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Optional
 
-__all__ = ["BlockDecision", "MGICPlan", "REWRITTEN", "SKIPPED"]
+__all__ = ["BlockDecision", "Budget", "Decline", "MGICPlan", "REWRITTEN", "SKIPPED"]
 
 REWRITTEN = "rewritten"
 SKIPPED = "skipped"
+
+
+class Decline(str, enum.Enum):
+    """Why a candidate block was left alone: the type of ``BlockDecision.reason``.
+
+    Code branches on this, never on the reason's text (which is for people).
+    """
+
+    NO_CHANNEL_DIM = "no_channel_dim"  # cannot tell which dimension holds the channels
+    USER_SKIP = "user_skip"  # matched a ``skip=`` pattern (``BlockDecision.skip_pattern`` names it)
+    TRANSITION = "transition"  # width- or stride-changing, and ``transitions=False``
+    HEAD = "head"  # a transition whose output is the model's output (classifier, segmentation head)
+    TOO_NARROW = "too_narrow"  # the rule gives it a single level
+    SHARED_WEIGHTS = "shared_weights"  # a weight is also read outside the block
+    UNSUPPORTED = "unsupported"  # the block cannot be re-instantiated at a level's width
+    CONNECTOR = "connector"  # no transition connector fits its shapes
+    NOT_SMALLER = "not_smaller"  # the MGIC block would have as many parameters or more
 
 BlockKind = Literal["residual", "layer", "transition"]
 
@@ -41,7 +59,10 @@ class BlockDecision:
         layers: module paths (original model) of the layers inside the block.
         params_before: parameters of the original block (in the original model).
         params_after: parameters of the ``MGICBlock`` (including the transition connector).
-        analytic_params: the paper's formula (3.5) for this block (``None`` when not applicable).
+        analytic_params: the paper's formula (3.5) for this block, generalised to the rule in use
+            (``hierarchy.analytic_params``; ``None`` when not applicable).
+        decline: the kind of reason a skipped block was left alone (``None`` when rewritten).
+        skip_pattern: the user's ``skip=`` pattern that matched the block, if any.
     """
 
     path: str
@@ -60,6 +81,8 @@ class BlockDecision:
     params_before: int = 0
     params_after: int = 0
     analytic_params: Optional[int] = None
+    decline: Optional[Decline] = None
+    skip_pattern: Optional[str] = None
 
     @property
     def rewritten(self) -> bool:
@@ -69,7 +92,28 @@ class BlockDecision:
         d = asdict(self)
         for k in ("levels", "groups", "group_sizes", "nodes", "layers"):
             d[k] = list(d[k])
+        d["decline"] = self.decline.value if self.decline is not None else None
         return d
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What ``target_params`` / ``target_flops`` asked for and what the search found.
+
+    Attributes:
+        metric: ``"params"`` or ``"flops"``.
+        target: the requested ratio (transformed / original).
+        achieved: the ratio of the chosen network.
+        candidates: how many (group_size, coarsest_width) pairs were measured.
+    """
+
+    metric: str
+    target: float
+    achieved: float
+    candidates: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -82,6 +126,8 @@ class MGICPlan:
     skip: tuple[str, ...] = ()
     blocks: tuple[BlockDecision, ...] = field(default_factory=tuple)
     notes: tuple[str, ...] = ()  # model-level remarks, e.g. "no conv/linear layer found"
+    rule: str = "paper"  # the hierarchy rule (``mgic_transform.hierarchy``)
+    budget: Optional[Budget] = None  # set when the sizes were chosen by target_params / target_flops
 
     @property
     def rewritten(self) -> tuple[BlockDecision, ...]:
@@ -93,10 +139,12 @@ class MGICPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "rule": self.rule,
             "group_size": self.group_size,
             "coarsest_width": self.coarsest_width,
             "transitions": self.transitions,
             "skip": list(self.skip),
             "blocks": [b.to_dict() for b in self.blocks],
             "notes": list(self.notes),
+            "budget": self.budget.to_dict() if self.budget is not None else None,
         }

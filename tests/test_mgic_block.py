@@ -87,7 +87,7 @@ class _OneConv(nn.Module):
 def test_parameter_count_matches_formula_3_5():
     """One 3x3 conv of width c=64 with s_g=8, s_c=16, worked by hand against (3.5)."""
     c, s_g, s_c, d = 64, 8, 16, 3
-    gm = mt.mgicify(_OneConv(c), torch.randn(1, 3, 8, 8), group_size=s_g, coarsest_width=s_c)
+    gm = mt.mgicify(_OneConv(c), torch.randn(1, 3, 8, 8), group_size=s_g, coarsest_width=s_c, rule="compact")
     (decision,) = gm.meta["mgic"].rewritten
     block = gm.get_submodule(decision.module)
     assert isinstance(block, MGICBlock)

@@ -10,6 +10,7 @@ import torchvision
 from torch import nn
 
 import mgic_transform as mt
+from mgic_transform.plan import Decline
 from mgic_transform.nn import MGICBlock
 from custom_models import CUSTOM_MODELS
 
@@ -58,7 +59,7 @@ def test_mgicify_model(name):
         block = gm.get_submodule(d.module)
         assert isinstance(block, MGICBlock)
         assert block.num_levels == len(d.levels) >= 2
-        assert d.levels[0] == d.out_width and d.levels[-1] <= s_c
+        assert d.levels[0] == d.out_width and all(a > b for a, b in zip(d.levels, d.levels[1:]))
         assert d.params_after == _n_params(block) < d.params_before
     for d in plan.skipped:
         assert d.reason, f"skipped block {d.path} has no reason"
@@ -124,12 +125,16 @@ def test_blocks_are_stored_at_their_module_path():
     assert "getattr(self.layer3, \"1\")" in gm.code
 
 
-def test_narrow_blocks_are_reported():
+@pytest.mark.parametrize("rule, s_c, reason", [
+    ("compact", 16, "not wider than coarsest_width=16"),  # compact: outer width 16 is not above s_c
+    ("paper", 32, "narrowest width 16 is below coarsest_width=32"),  # paper: Algorithm 1 gives no restriction
+])
+def test_narrow_blocks_are_reported(rule, s_c, reason):
     model = CUSTOM_MODELS["cifar_resnet56"][0]()
-    gm = mt.mgicify(model, torch.randn(1, 3, 32, 32), group_size=8, coarsest_width=16)
+    gm = mt.mgicify(model, torch.randn(1, 3, 32, 32), group_size=8, coarsest_width=s_c, rule=rule)
     narrow = [d for d in gm.meta["mgic"].skipped if d.width == 16 and d.kind == "residual"]
     assert len(narrow) == 9
-    assert all("not wider than coarsest_width=16" in d.reason for d in narrow)
+    assert all(reason in d.reason and d.decline is Decline.TOO_NARROW for d in narrow)
 
 
 def test_result_is_independent_of_the_input_model():

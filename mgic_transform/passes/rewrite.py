@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -18,21 +19,26 @@ import torch.fx
 from torch import nn
 
 from .._modcopy import fetch_attr
-from ..hierarchy import analytic_params, level_groups, level_widths, transfer_groups
+from ..hierarchy import Hierarchy, analytic_params, hierarchy
 from ..nn.mgic_block import MGICBlock
 from ..nn.transfer import BN_BY_DIMS, CONV_BY_DIMS, GroupedLinear, make_residual_norm, make_transfer
 from ..nn.variants import LevelSpec, VariantError, VariantFactory, common_prefix, extract_block
-from ..plan import REWRITTEN, SKIPPED, BlockDecision
+from ..plan import REWRITTEN, SKIPPED, BlockDecision, Decline
 from .blocks import Region
 from .channels import block_channel_dim, is_channel_mixing, layer_channel_dim
 from .shapes import shape_of
+from .transition import drop_projection_shortcut, is_head
 
-__all__ = ["rewrite_blocks"]
+__all__ = ["RewriteOptions", "rewrite_blocks"]
 
 
 
 class _Decline(Exception):
-    """A block is left alone; the message is the reason shown in the report."""
+    """A block is left alone: ``kind`` for code, the message for the report."""
+
+    def __init__(self, kind: Decline, message: str, *, pattern: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.kind, self.pattern = kind, pattern
 
 
 def _block_path(modules: dict[str, nn.Module], region: Region) -> tuple[str, tuple[str, ...]]:
@@ -110,90 +116,150 @@ def _connector(c_in: int, c_out: int, in_shape: torch.Size, out_shape: torch.Siz
     kw = {"device": like.device, "dtype": like.dtype}
     if channel_dim != 1 or spatial == 0:
         if tuple(in_shape[:-1]) != tuple(out_shape[:-1]):
-            raise _Decline("width-changing channels-last block also changes other dimensions")
+            raise _Decline(Decline.CONNECTOR, "width-changing channels-last block also changes other dimensions")
         return GroupedLinear(c_in, c_out, math.gcd(c_in, c_out), bias=False, **kw)
     strides = []
     for a, b in zip(in_shape[2:], out_shape[2:]):
         s = max(1, round(a / b))
         if (a + s - 1) // s != b:
-            raise _Decline(f"cannot build a strided connector from spatial size {tuple(in_shape[2:])} to {tuple(out_shape[2:])}")
+            raise _Decline(Decline.CONNECTOR, f"cannot build a strided connector from spatial size {tuple(in_shape[2:])} to {tuple(out_shape[2:])}")
         strides.append(s)
     conv = CONV_BY_DIMS[spatial](c_in, c_out, 3, stride=tuple(strides), padding=1, groups=math.gcd(c_in, c_out), bias=False, **kw)
     return nn.Sequential(conv, BN_BY_DIMS[spatial](c_out, **kw))
 
 
-def _build(gm: torch.fx.GraphModule, region: Region, *, group_size: int, coarsest_width: int,
-           skip: Sequence[str], transitions: bool, path: str, layers: tuple[str, ...], cd: int,
-           factory: VariantFactory, readers: dict) -> tuple[MGICBlock, dict]:
+@dataclass(frozen=True)
+class RewriteOptions:
+    """The user's choices that decide every block's hierarchy."""
+
+    rule: str = "paper"
+    group_size: int = 32
+    coarsest_width: int = 32
+    skip: tuple[str, ...] = ()
+    transitions: bool = False
+
+
+@dataclass(frozen=True)
+class _LayerWidths:
+    """The channel widths the layers of a block read or write.
+
+    ``all`` resizes the block's constants (``get_attr`` tensors, sizes baked into
+    views); ``main`` are the widths of the block's main path, the ones the paper
+    rule may halve: tensors at least as large, per channel, as the smaller end of
+    the block. A squeeze-excite gate pooled to 1x1 does not count, and neither
+    does a transition's input width, which the connector replaces.
+    """
+
+    all: frozenset[int]
+    main: frozenset[int]
+
+
+def _layer_widths(gm: torch.fx.GraphModule, region: Region, cd: int) -> _LayerWidths:
     entry_shape, exit_shape = shape_of(region.entry), shape_of(region.exit)
     c_in, c_out = entry_shape[cd], exit_shape[cd]
-    for pattern in skip:
+
+    def per_channel(shape: torch.Size, dim: int) -> int:
+        return math.prod(s for i, s in enumerate(shape) if i not in (0, dim % len(shape)))
+
+    smallest = min(per_channel(entry_shape, cd), per_channel(exit_shape, cd))
+    every, main = {c_in, c_out}, {c_out}
+    for n in region.nodes:
+        if n.op != "call_module":
+            continue
+        src = shape_of(n.args[0]) if n.args else None
+        dim = layer_channel_dim(gm.get_submodule(n.target), src)
+        if dim is None:
+            continue
+        for t in [*n.all_input_nodes, n]:
+            s = shape_of(t)
+            if s is None or len(s) < 2:
+                continue
+            every.add(s[dim])
+            if s[dim] > 1 and per_channel(s, dim) >= smallest and (t is not region.entry or c_in == c_out):
+                main.add(s[dim])
+    return _LayerWidths(frozenset(every), frozenset(main))
+
+
+def _decide(gm: torch.fx.GraphModule, region: Region, opts: RewriteOptions, *, path: str,
+            layers: tuple[str, ...], cd: int, widths: _LayerWidths, readers: dict) -> Hierarchy:
+    """The block's hierarchy under the user's options, or :class:`_Decline` with the reason."""
+    entry_shape, exit_shape = shape_of(region.entry), shape_of(region.exit)
+    c_in, c_out = entry_shape[cd], exit_shape[cd]
+    for pattern in opts.skip:
         if fnmatch.fnmatchcase(path, pattern) or any(fnmatch.fnmatchcase(p, pattern) for p in layers):
-            raise _Decline(f"skipped by the user (pattern {pattern!r})")
-    if region.kind == "transition" and not transitions:
+            raise _Decline(Decline.USER_SKIP, f"skipped by the user (pattern {pattern!r})", pattern=pattern)
+    if region.kind == "transition" and not opts.transitions:
         change = f"{c_in} -> {c_out} channels" if c_in != c_out else "the spatial size"
-        raise _Decline(f"changes {change}; pass transitions=True to rewrite width-changing blocks")
-    widths = level_widths(c_out, coarsest_width)
-    if len(widths) == 1:
-        raise _Decline(f"width {c_out} is not wider than coarsest_width={coarsest_width}")
+        raise _Decline(Decline.TRANSITION, f"changes {change}; pass transitions=True to rewrite width-changing blocks")
+    if region.kind == "transition" and is_head(region.exit):
+        raise _Decline(Decline.HEAD, "its output is the model's output (the head): those channels are the task's, "
+                                     "not a feature hierarchy")
+    narrowest = min(widths.main)
+    hier = hierarchy(opts.rule, c_out, narrowest, opts.group_size, opts.coarsest_width)
+    if hier.num_levels == 1:
+        if opts.rule == "paper":
+            why = (f"its narrowest width {narrowest} is below coarsest_width={opts.coarsest_width}" if narrowest < opts.coarsest_width
+                   else f"its narrowest width {narrowest} is too small to halve")
+        else:
+            why = f"width {c_out} is not wider than coarsest_width={opts.coarsest_width}"
+        raise _Decline(Decline.TOO_NARROW, why)
     shared = _shared_weights(gm, region, readers)
     if shared:
-        raise _Decline(shared)
-    groups = level_groups(widths, group_size)
+        raise _Decline(Decline.SHARED_WEIGHTS, shared)
+    return hier
+
+
+def _build(gm: torch.fx.GraphModule, region: Region, hier: Hierarchy, *, cd: int, widths: _LayerWidths,
+           factory: VariantFactory) -> MGICBlock:
+    """The MGIC block of ``region``: the block re-instantiated at every level, R_j, P_j, N_j, the connector."""
+    entry_shape, exit_shape = shape_of(region.entry), shape_of(region.exit)
+    c_in, c_out = entry_shape[cd], exit_shape[cd]
     try:
         block = extract_block(gm, region.entry, region.nodes)
     except VariantError as exc:
-        raise _Decline(str(exc)) from exc
-    # Every width a layer of the block reads or writes; get_attr tensors are resized along these.
-    inner = {c_in, c_out}
-    for n in region.nodes:
-        if n.op == "call_module":
-            src = shape_of(n.args[0]) if n.args else None
-            dim = layer_channel_dim(gm.get_submodule(n.target), src)
-            for t in [*(a for a in n.all_input_nodes), n]:
-                s = shape_of(t)
-                if dim is not None and s is not None and len(s) > 1:
-                    inner.add(s[dim])
-    level_shape = list(exit_shape)
+        raise _Decline(Decline.UNSUPPORTED, str(exc)) from exc
+    if region.kind == "transition":
+        drop_projection_shortcut(block)  # the connector does the width/stride change
     like = next((p for p in block.parameters()), torch.empty(0))
-    spatial = len(exit_shape) - 2
     channels_last = cd == len(exit_shape) - 1 and len(exit_shape) > 2
     variants = []
-    for c, g in zip(widths, groups):
+    for c, g in zip(hier.widths, hier.groups):
         spec = LevelSpec(c, g, frozenset({c_out}), c_out, unstride=region.kind == "transition")
         try:
-            variants.append(factory.build(block, spec, torch.Size(level_shape), cd, frozenset(inner),
-                                          like.dtype, like.device))
+            variants.append(factory.build(block, spec, torch.Size(exit_shape), cd, widths.all, like.dtype, like.device))
         except VariantError as exc:
-            raise _Decline(str(exc)) from exc
-    space = {"spatial_dims": spatial if not channels_last else 0, "channels_last": channels_last, "like": like}
+            raise _Decline(Decline.UNSUPPORTED, str(exc)) from exc
+    space = {"spatial_dims": len(exit_shape) - 2 if not channels_last else 0, "channels_last": channels_last,
+             "like": like}
     restrict, prolong, norms = [], [], []
-    for fine, coarse in zip(widths, widths[1:]):
-        tg = transfer_groups(fine, coarse, group_size)
+    for fine, coarse, tg in zip(hier.widths, hier.widths[1:], hier.transfer_groups):
         restrict.append(make_transfer(fine, coarse, tg, **space))
         prolong.append(make_transfer(coarse, fine, tg, **space))
-        norms.append(make_residual_norm(fine, **{k: v for k, v in space.items()}))
-    connector = None
-    if region.kind == "transition":
-        connector = _connector(c_in, c_out, entry_shape, exit_shape, cd, like)
-    mgic = MGICBlock(variants, restrict, prolong, norms, connector,
+        norms.append(make_residual_norm(fine, **space))
+    connector = _connector(c_in, c_out, entry_shape, exit_shape, cd, like) if region.kind == "transition" else None
+    return MGICBlock(variants, restrict, prolong, norms, connector,
                      coarsest_mutates_input=variants[-1].meta["mutates_input"])
-    mgic.train(gm.get_submodule(layers[0]).training if layers else gm.training)
-    before = _unique_params(gm, region)
+
+
+def _account(mgic: MGICBlock, hier: Hierarchy, *, before: int, c_in: int, c_out: int, group_size: int) -> dict:
+    """The plan's figures for a rewritten block; :class:`_Decline` when it would not be smaller."""
     after = sum(p.numel() for p in mgic.parameters())
     if after >= before:
-        raise _Decline(f"the MGIC version would not be smaller ({after:,} vs {before:,} parameters)")
-    kernel = before / (c_in * c_out)
-    extra = sum(p.numel() for p in connector.parameters()) if connector is not None else 0
-    info = {
-        "levels": widths,
-        "groups": groups,
-        "group_sizes": tuple(c // g for c, g in zip(widths, groups)),
+        raise _Decline(Decline.NOT_SMALLER, f"the MGIC version would not be smaller ({after:,} vs {before:,} parameters)")
+    # the rule's nominal group counts (c_j / s_g, or m_j / s_g at least 1), as in the paper's formula
+    if hier.rule == "compact":
+        nominal = [c / group_size for c in hier.widths[:-1]]
+    else:
+        nominal = [max(1.0, m / group_size) for m in hier.halved[:-1]]
+    extra = sum(p.numel() for p in mgic.connector.parameters()) if mgic.connector is not None else 0
+    return {
+        "levels": hier.widths,
+        "groups": hier.groups,
+        "group_sizes": hier.group_sizes,
         "params_before": before,
         "params_after": after,
-        "analytic_params": analytic_params(widths, group_size, kernel) + extra,
+        "analytic_params": analytic_params(hier.widths, nominal, before / (c_in * c_out)) + extra,
     }
-    return mgic, info
 
 
 def _by_prefix(gm: torch.fx.GraphModule) -> dict[str, list[torch.fx.Node]]:
@@ -226,8 +292,7 @@ def _target_for(gm: torch.fx.GraphModule, path: str, region: Region, taken: set[
     return name
 
 
-def rewrite_blocks(gm: torch.fx.GraphModule, regions: Sequence[Region], *, group_size: int,
-                   coarsest_width: int, skip: Sequence[str] = (), transitions: bool = False
+def rewrite_blocks(gm: torch.fx.GraphModule, regions: Sequence[Region], options: RewriteOptions
                    ) -> list[BlockDecision]:
     """Replace every region that qualifies by an MGICBlock; return one decision per region.
 
@@ -254,14 +319,19 @@ def rewrite_blocks(gm: torch.fx.GraphModule, regions: Sequence[Region], *, group
         common = dict(path=path, kind=region.kind, layers=layers, nodes=tuple(n.name for n in region.nodes))
         if cd is None:
             decisions.append(BlockDecision(status=SKIPPED, reason="cannot tell which dimension holds the channels",
-                                           width=0, out_width=0, channel_dim=-1, **common))
+                                           decline=Decline.NO_CHANNEL_DIM, width=0, out_width=0, channel_dim=-1,
+                                           **common))
             continue
         widths = dict(width=entry_shape[cd], out_width=exit_shape[cd],
                       channel_dim=-1 if cd == len(entry_shape) - 1 and cd > 1 else cd)
         try:
-            mgic, info = _build(gm, region, group_size=group_size, coarsest_width=coarsest_width, skip=skip,
-                                transitions=transitions, path=path, layers=layers, cd=cd, factory=factory,
-                                readers=readers)
+            layer_widths = _layer_widths(gm, region, cd)
+            hier = _decide(gm, region, options, path=path, layers=layers, cd=cd, widths=layer_widths,
+                           readers=readers)
+            mgic = _build(gm, region, hier, cd=cd, widths=layer_widths, factory=factory)
+            mgic.train(gm.get_submodule(layers[0]).training if layers else gm.training)
+            info = _account(mgic, hier, before=_unique_params(gm, region), c_in=entry_shape[cd],
+                            c_out=exit_shape[cd], group_size=options.group_size)
         except _Decline as why:
             inner = sum(1 for d in decisions if d.rewritten and set(d.nodes) <= {n.name for n in region.nodes})
             reason = str(why) + (f"; {inner} block(s) inside it rewritten on their own" if inner else "")
@@ -269,7 +339,7 @@ def rewrite_blocks(gm: torch.fx.GraphModule, regions: Sequence[Region], *, group
                 reason += f"; the {len(region.inner)} block(s) inside it are tried instead"
                 pending.extend(reversed(region.inner))
             decisions.append(BlockDecision(status=SKIPPED, reason=reason, params_before=params_before[id(region)],
-                                           **widths, **common))
+                                           decline=why.kind, skip_pattern=why.pattern, **widths, **common))
             continue
         target = _target_for(gm, path, region, taken, by_prefix)
         taken.add(target)

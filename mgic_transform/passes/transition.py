@@ -1,0 +1,103 @@
+"""Transition blocks: the connector takes over the projection shortcut, and the head is left alone.
+
+A width- or stride-changing ("transition") block is rewritten as the paper's
+lightweight connector (``c_in -> c_out``, with the block's stride) followed by
+an MGIC block at ``c_out`` (Sec. 3.3, "Changing the channel resolution blocks").
+Two structural rules follow from that, and both are read off the graph alone:
+
+* **The projection shortcut becomes the identity.** A residual transition
+  usually carries a projection on its skip path (ResNet's ``downsample``: a 1x1
+  conv and a norm, maybe a pooling) whose only job is the width/stride change.
+  Inside the levels, after the connector, that change has already happened, so
+  the authors' code (``resnetMG.py``) has an identity shortcut there. Keeping
+  the projection would add a ``c_j x c_j`` 1x1 conv to every level (a ResNet-50
+  at ``s_g=32`` would lose its layer1 transition to "not smaller").
+  :func:`drop_projection_shortcut` rewires such a branch to the block input.
+* **The head keeps its width.** A transition whose output is the model's
+  output (a classifier, a segmentation head) maps features to the task's
+  classes; those channels are not a feature hierarchy, and the paper keeps the
+  classifier dense. :func:`is_head` finds it.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+import torch.fx
+from torch import nn
+
+from .channels import CONV_TYPES, NORM_TYPES
+
+__all__ = ["drop_projection_shortcut", "is_head"]
+
+_ADDS = {operator.add, operator.iadd, torch.add}
+_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+_WEIGHTLESS_PASS_THROUGH = {"flatten", "view", "reshape", "squeeze", "contiguous", "float", "to"}
+
+
+def _is_pointwise_mixing(m: nn.Module) -> bool:
+    if isinstance(m, CONV_TYPES):
+        return all(k == 1 for k in m.kernel_size) and m.groups == 1
+    return isinstance(m, nn.Linear)
+
+
+def _is_add(n: torch.fx.Node) -> bool:
+    return (n.op == "call_function" and n.target in _ADDS) or (n.op == "call_method" and n.target in ("add", "add_"))
+
+
+def _projection_branch(block: torch.fx.GraphModule, join: torch.fx.Node, arg: torch.fx.Node,
+                       x: torch.fx.Node) -> Optional[list[torch.fx.Node]]:
+    """The chain ``x -> ... -> arg`` if it is a projection: one pointwise conv/linear, norms, poolings."""
+    chain, node = [], arg
+    while node is not x:
+        if node.op != "call_module" or len(node.users) != 1 or len(node.all_input_nodes) != 1:
+            return None
+        mod = block.get_submodule(str(node.target))
+        if not (_is_pointwise_mixing(mod) or isinstance(mod, NORM_TYPES) or isinstance(mod, _POOLS)):
+            return None
+        chain.append(node)
+        node = node.all_input_nodes[0]
+    mixing = [n for n in chain if _is_pointwise_mixing(block.get_submodule(str(n.target)))]
+    return chain if len(mixing) == 1 else None
+
+
+def drop_projection_shortcut(block: torch.fx.GraphModule) -> bool:
+    """Rewire a projection shortcut (``x -> 1x1 conv -> norm -> add``) of an extracted block to ``x``.
+
+    ``block`` is a standalone block graph (``variants.extract_block``) with one
+    placeholder. Returns whether a branch was dropped; the graph is linted and
+    recompiled. A block with no such branch (a plain chain, an inverted residual
+    without skip) is left as it is.
+    """
+    x = next(n for n in block.graph.nodes if n.op == "placeholder")
+    for join in block.graph.nodes:
+        if not _is_add(join):
+            continue
+        for arg in join.all_input_nodes:
+            chain = _projection_branch(block, join, arg, x)
+            if chain:
+                join.replace_input_with(arg, x)
+                for n in chain:  # last to first: each has no user left once its reader is gone
+                    block.graph.erase_node(n)
+                block.graph.lint()
+                block.delete_all_unused_submodules()
+                block.recompile()
+                return True
+    return False
+
+
+def is_head(exit: torch.fx.Node) -> bool:
+    """Whether ``exit``'s value is the model's output, up to weightless reshapes (``flatten``, ``view`` ...)."""
+    frontier = [exit]
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if user.op == "output":
+                return True
+            reshape = (user.op == "call_method" and user.target in _WEIGHTLESS_PASS_THROUGH) or (
+                user.op == "call_function" and user.target in (torch.flatten, torch.squeeze, torch.reshape))
+            if reshape:
+                frontier.append(user)
+    return False
