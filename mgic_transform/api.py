@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any, Iterable, Optional, Sequence, Union
 
@@ -14,10 +15,11 @@ from .errors import ConfigError, InputError
 from .nn.mgic_block import MGICBlock
 from .passes.blocks import find_blocks
 from .passes.ownership import mark_overwritable_inputs
+from .budget import search_budget
 from .hierarchy import RULES
 from .passes.rewrite import RewriteOptions, rewrite_blocks
 from .passes.shapes import propagate_shapes
-from .plan import MGICPlan
+from .plan import Budget, MGICPlan
 from .tracing import LeafSpec, eliminate_dead_code, trace
 
 __all__ = ["mgicify", "infer_example_inputs"]
@@ -138,6 +140,24 @@ def _check_positive_int(name: str, value: Any) -> int:
     return value
 
 
+def _check_target(target_params: Any, target_flops: Any, group_size: Any, coarsest_width: Any
+                  ) -> Optional[tuple[str, float]]:
+    """``("params" | "flops", ratio)`` when a budget was asked for, else ``None``."""
+    given = [(m, v) for m, v in (("params", target_params), ("flops", target_flops)) if v is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise ConfigError("pass target_params or target_flops, not both. Hint: the search meets one budget.")
+    metric, value = given[0]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ConfigError(f"target_{metric} must be a fraction of the original's {metric} in (0, 1], got {value!r}. "
+                          f"Hint: target_{metric}=0.3 keeps at most 30%.")
+    if group_size is not None or coarsest_width is not None:
+        raise ConfigError(f"target_{metric} chooses group_size and coarsest_width itself; pass either the sizes or "
+                          f"the target. Hint: drop group_size/coarsest_width.")
+    return metric, float(value)
+
+
 def _normalise_inputs(example_inputs: Any) -> tuple[Any, ...]:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
@@ -155,11 +175,13 @@ def mgicify(
     model: nn.Module,
     example_inputs: Union[torch.Tensor, Sequence[torch.Tensor], None] = None,
     *,
-    group_size: int = 32,
+    group_size: Optional[int] = None,
     coarsest_width: Optional[int] = None,
     skip: Iterable[str] = (),
     transitions: bool = False,
     rule: str = "paper",
+    target_params: Optional[float] = None,
+    target_flops: Optional[float] = None,
     leaf_modules: Iterable[LeafSpec] = (),
     concrete_args: Optional[dict[str, Any]] = None,
 ) -> torch.fx.GraphModule:
@@ -175,9 +197,9 @@ def mgicify(
         example_inputs: a tensor or tuple of tensors with the shape the model
             expects. Only shapes are used (fake tensors, no compute). Inferred
             from the first layer when omitted (``Conv2d(3, ...)`` -> ``1x3x224x224``).
-        group_size: ``s_g``, channels per group in the grouped fine levels.
-        coarsest_width: ``s_c``; levels halve the width until it is at most this.
-            Defaults to ``group_size`` (the paper's usual choice ``s_c = s_g``).
+        group_size: ``s_g``, channels per group in the grouped fine levels (default 32).
+        coarsest_width: ``s_c``, the width of the coarsest, fully coupled level
+            (see ``rule``). Defaults to ``group_size`` (the paper's usual ``s_c = s_g``).
         skip: glob patterns over module paths (``"layer4.*"``) of blocks to leave alone.
         transitions: also rewrite width-changing blocks (paper Sec. 3.3: a
             depthwise 3x3 connector to the new width, then an MGIC block).
@@ -187,6 +209,12 @@ def mgicify(
             bottleneck's inner width) and every layer of level ``j`` gets
             ``m_j / s_g`` groups. ``"compact"`` halves the outer width and groups
             by ``c_j / s_g``: much smaller networks than the paper's.
+        target_params, target_flops: compress to a budget instead of fixed sizes:
+            the largest network whose parameters (or multiply-adds at the example
+            input) are at most this fraction of the original's. ``group_size`` and
+            ``coarsest_width`` are then chosen by a search over powers of two
+            (:mod:`mgic_transform.budget`); ``gm.meta["mgic"].budget`` records the
+            target and the ratio achieved.
         leaf_modules: module classes or path patterns that ``torch.fx`` should not
             trace into (the escape hatch for data-dependent control flow).
         concrete_args: passed to ``torch.fx.Tracer.trace`` to fix Python-level arguments.
@@ -205,7 +233,19 @@ def mgicify(
                 else "pass the model object (an nn.Module instance)")
         raise InputError(f"mgicify expects an nn.Module, got {type(model).__name__}. Hint: {hint}.")
     _check_plain_module(model)
-    group_size = _check_positive_int("group_size", group_size)
+    target = _check_target(target_params, target_flops, group_size, coarsest_width)
+    if target is not None:
+        metric, ratio = target
+        inputs = _normalise_inputs(example_inputs) if example_inputs is not None else infer_example_inputs(model)
+        options = dict(skip=skip, transitions=transitions, rule=rule, leaf_modules=tuple(leaf_modules),
+                       concrete_args=concrete_args)
+        gm, chosen, measured = search_budget(
+            model, inputs, metric=metric, target=ratio,
+            transform=lambda s_g, s_c: mgicify(model, inputs, group_size=s_g, coarsest_width=s_c, **options))
+        plan = dataclasses.replace(gm.meta["mgic"], budget=Budget(metric, ratio, chosen.ratio, measured))
+        gm.meta["mgic"] = gm._mgic_meta["mgic"] = plan
+        return gm
+    group_size = 32 if group_size is None else _check_positive_int("group_size", group_size)
     coarsest_width = group_size if coarsest_width is None else _check_positive_int("coarsest_width", coarsest_width)
     skip = _normalise_skip(skip)
     if rule not in RULES:

@@ -72,6 +72,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.3, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return value
+
+
 def parse_shape(text: str) -> tuple[int, ...]:
     """``"1,3,224,224"`` (or ``"1x3x224x224"``) -> ``(1, 3, 224, 224)``; every size positive."""
     parts = [p.strip() for p in text.replace("x", ",").split(",")]
@@ -116,12 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", metavar="SHAPE", type=parse_shape, action="append",
                    help="example input shape, e.g. 1,3,224,224; repeat for a model with several inputs "
                         "(default: inferred from the first layer, e.g. Conv2d(3, ...) -> 1,3,224,224)")
-    p.add_argument("--group-size", metavar="N", type=_positive_int, default=32,
+    p.add_argument("--group-size", metavar="N", type=_positive_int, default=None,
                    help="channels per group in the grouped fine levels, s_g (default: 32)")
     p.add_argument("--coarsest-width", metavar="N", type=_positive_int, default=None,
                    help="channels at the coarsest, fully coupled level, s_c (default: the group size)")
     p.add_argument("--skip", metavar="PATTERN", nargs="+", action="extend", default=None,
                    help="leave blocks whose module path matches PATTERN alone (put MODEL first)")
+    p.add_argument("--rule", choices=("paper", "compact"), default="paper",
+                   help="hierarchy rule: 'paper' (levels follow each block's narrowest width, as the authors' "
+                        "code; default) or 'compact' (outer width, much smaller networks)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--target-params", metavar="RATIO", type=_fraction, default=None,
+                        help="choose the sizes for at most this fraction of the original's parameters, e.g. 0.3")
+    budget.add_argument("--target-flops", metavar="RATIO", type=_fraction, default=None,
+                        help="choose the sizes for at most this fraction of the original's multiply-adds, e.g. 0.5")
     p.add_argument("--transitions", action="store_true",
                    help="also rewrite width-changing blocks (depthwise 3x3 connector + MGIC block)")
     p.add_argument("--output-dir", metavar="DIR", default=DEFAULT_OUTPUT_DIR,
@@ -382,6 +400,9 @@ def _transform(model: Any, inputs: Optional[tuple], args: argparse.Namespace) ->
             coarsest_width=args.coarsest_width,
             skip=tuple(args.skip or ()),
             transitions=args.transitions,
+            rule=args.rule,
+            target_params=args.target_params,
+            target_flops=args.target_flops,
         )
     except (ConfigError, InputError) as exc:
         raise CLIError(_first_line(exc), EXIT_USAGE) from exc

@@ -53,7 +53,7 @@ from torch import nn
 
 from .api import infer_example_inputs
 from .errors import InputError
-from .plan import BlockDecision, MGICPlan
+from .plan import BlockDecision, Budget, MGICPlan
 
 __all__ = ["BlockRow", "Report", "compare", "count_params", "count_flops", "FlopCount", "FLOP_CONVENTION"]
 
@@ -143,8 +143,9 @@ class Report:
             ``None`` when fvcore could not trace the model (see ``notes``).
         blocks: one row per candidate block.
         input_shapes: shapes of the example inputs the FLOPs were counted with.
-        group_size, coarsest_width, transitions, skip: the options of the transform
+        group_size, coarsest_width, transitions, skip, rule: the options of the transform
             (``None``/empty when the transformed model carries no plan).
+        budget: the ``target_params``/``target_flops`` request and what the search achieved, if any.
         uncounted_ops_before, uncounted_ops_after: ``(op, times it ran)`` for the
             operators fvcore has no FLOP formula for; their cost is *not* in the totals.
         notes: remarks from the compiler and from counting.
@@ -160,6 +161,8 @@ class Report:
     coarsest_width: Optional[int] = None
     transitions: bool = False
     skip: tuple[str, ...] = ()
+    rule: Optional[str] = None
+    budget: Optional[Budget] = None
     uncounted_ops_before: tuple[tuple[str, int], ...] = ()
     uncounted_ops_after: tuple[tuple[str, int], ...] = ()
     notes: tuple[str, ...] = ()
@@ -198,6 +201,8 @@ class Report:
             "flop_convention": self.flop_convention,
             "input_shapes": [list(s) for s in self.input_shapes],
             "options": {
+                "rule": self.rule,
+                "budget": self.budget.to_dict() if self.budget is not None else None,
                 "group_size": self.group_size,
                 "coarsest_width": self.coarsest_width,
                 "transitions": self.transitions,
@@ -292,6 +297,8 @@ def compare(
         coarsest_width=plan.coarsest_width if plan is not None else None,
         transitions=plan.transitions if plan is not None else False,
         skip=tuple(plan.skip) if plan is not None else (),
+        rule=plan.rule if plan is not None else None,
+        budget=plan.budget if plan is not None else None,
         uncounted_ops_before=_sorted_ops(before.uncounted),
         uncounted_ops_after=_sorted_ops(after.uncounted),
         notes=tuple(notes),
@@ -515,9 +522,13 @@ def _preamble(r: Report) -> str:
     else:
         skip = ", ".join(r.skip) if r.skip else "none"
         options = (
-            f"group size {r.group_size}, coarsest width {r.coarsest_width}, "
+            f"rule {r.rule}, group size {r.group_size}, coarsest width {r.coarsest_width}, "
             f"transitions {'on' if r.transitions else 'off'}, skip {skip}"
         )
+        if r.budget is not None:
+            options += (f"; sizes chosen for target_{r.budget.metric}={r.budget.target:g} "
+                        f"(achieved {r.budget.achieved:.3f} of the original's {r.budget.metric}, "
+                        f"{r.budget.candidates} candidates measured)")
     return (
         f"Input {shapes}; {options}. FLOPs: {r.flop_convention}; "
         "ops fvcore cannot count are listed, not included."
