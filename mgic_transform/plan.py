@@ -27,6 +27,7 @@ class Decline(str, enum.Enum):
     USER_SKIP = "user_skip"  # matched a ``skip=`` pattern (``BlockDecision.skip_pattern`` names it)
     TRANSITION = "transition"  # width- or stride-changing, and ``transitions=False``
     HEAD = "head"  # a transition whose output is the model's output (classifier, segmentation head)
+    SINGLE_LAYER = "single_layer"  # a transition that is one channel-mixing layer (stem, expansion to the head)
     TOO_NARROW = "too_narrow"  # the rule gives it a single level
     SHARED_WEIGHTS = "shared_weights"  # a weight is also read outside the block
     UNSUPPORTED = "unsupported"  # the block cannot be re-instantiated at a level's width

@@ -191,9 +191,13 @@ def _decide(gm: torch.fx.GraphModule, region: Region, opts: RewriteOptions, *, p
     if region.kind == "transition" and not opts.transitions:
         change = f"{c_in} -> {c_out} channels" if c_in != c_out else "the spatial size"
         raise _Decline(Decline.TRANSITION, f"changes {change}; pass transitions=True to rewrite width-changing blocks")
-    if region.kind == "transition" and is_head(region.exit):
-        raise _Decline(Decline.HEAD, "its output is the model's output (the head): those channels are the task's, "
-                                     "not a feature hierarchy")
+    if region.kind == "transition" and opts.rule == "paper":
+        if is_head(region.exit):
+            raise _Decline(Decline.HEAD, "its output is the model's output (the head): those channels are the "
+                                         "task's, not a feature hierarchy")
+        if sum(1 for n in region.nodes if n.op == "call_module" and is_channel_mixing(gm.get_submodule(n.target))) == 1:
+            raise _Decline(Decline.SINGLE_LAYER, "a single width-changing layer (a stem, an expansion to the head): "
+                                                 "the paper rewrites width-changing blocks, not layers")
     narrowest = min(widths.main)
     hier = hierarchy(opts.rule, c_out, narrowest, opts.group_size, opts.coarsest_width)
     if hier.num_levels == 1:
@@ -218,7 +222,7 @@ def _build(gm: torch.fx.GraphModule, region: Region, hier: Hierarchy, *, cd: int
         block = extract_block(gm, region.entry, region.nodes)
     except VariantError as exc:
         raise _Decline(Decline.UNSUPPORTED, str(exc)) from exc
-    if region.kind == "transition":
+    if region.kind == "transition" and hier.rule == "paper":
         drop_projection_shortcut(block)  # the connector does the width/stride change
     like = next((p for p in block.parameters()), torch.empty(0))
     channels_last = cd == len(exit_shape) - 1 and len(exit_shape) > 2

@@ -1,9 +1,10 @@
-"""Transition blocks: the connector takes over the projection shortcut, and the head is left alone.
+"""Transition blocks under the paper rule: the connector takes over the projection shortcut; the head stays.
 
 A width- or stride-changing ("transition") block is rewritten as the paper's
 lightweight connector (``c_in -> c_out``, with the block's stride) followed by
 an MGIC block at ``c_out`` (Sec. 3.3, "Changing the channel resolution blocks").
-Two structural rules follow from that, and both are read off the graph alone:
+Under ``rule="paper"`` three structural rules follow from that, all read off
+the graph alone (``rule="compact"`` keeps version 0.1's transitions):
 
 * **The projection shortcut becomes the identity.** A residual transition
   usually carries a projection on its skip path (ResNet's ``downsample``: a 1x1
@@ -17,6 +18,11 @@ Two structural rules follow from that, and both are read off the graph alone:
   output (a classifier, a segmentation head) maps features to the task's
   classes; those channels are not a feature hierarchy, and the paper keeps the
   classifier dense. :func:`is_head` finds it.
+* **Blocks, not layers.** The paper rewrites width-changing *blocks* (a
+  bottleneck, an inverted residual); a single width-changing layer (a stem
+  conv, MobileNetV3's 160 -> 960 expansion before the pool) stays a plain layer
+  in its networks (Tables 4 and 6). The rewrite pass declines a transition with
+  one channel-mixing layer.
 """
 
 from __future__ import annotations
