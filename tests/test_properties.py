@@ -385,18 +385,20 @@ SHUFFLE_FANCY = (1, 3, 48, (("shuffle", 48, 3), ("fancy", 48, 3, 6, True), ("fan
     coarsest_width=st.one_of(st.none(), st.integers(1, 16)),
     transitions=st.booleans(),
     seed=st.integers(0, 2**16),
+    rule=st.sampled_from(["paper", "compact"]),
 )
-@example(spec=RESIDUAL_GROUPED, group_size=4, coarsest_width=6, transitions=False, seed=0)
-@example(spec=CONCAT_ODD_SPLIT, group_size=2, coarsest_width=4, transitions=False, seed=0)
-@example(spec=MOBILE_SE, group_size=7, coarsest_width=4, transitions=True, seed=0)
-@example(spec=TRANSITION, group_size=4, coarsest_width=8, transitions=True, seed=0)
-@example(spec=GATE_CONCAT, group_size=4, coarsest_width=None, transitions=False, seed=1)
-@example(spec=SHUFFLE_FANCY, group_size=3, coarsest_width=5, transitions=False, seed=2)
-def test_mgicify_random_cnn(spec, group_size, coarsest_width, transitions, seed):
+@example(spec=RESIDUAL_GROUPED, group_size=4, coarsest_width=6, transitions=False, seed=0, rule="paper")
+@example(spec=CONCAT_ODD_SPLIT, group_size=2, coarsest_width=4, transitions=False, seed=0, rule="paper")
+@example(spec=MOBILE_SE, group_size=7, coarsest_width=4, transitions=True, seed=0, rule="paper")
+@example(spec=TRANSITION, group_size=4, coarsest_width=8, transitions=True, seed=0, rule="paper")
+@example(spec=TRANSITION, group_size=4, coarsest_width=8, transitions=True, seed=0, rule="compact")
+@example(spec=GATE_CONCAT, group_size=4, coarsest_width=None, transitions=False, seed=1, rule="compact")
+@example(spec=SHUFFLE_FANCY, group_size=3, coarsest_width=5, transitions=False, seed=2, rule="paper")
+def test_mgicify_random_cnn(spec, group_size, coarsest_width, transitions, seed, rule):
     torch.manual_seed(seed)
     model = RandomCNN(spec)
     check_transform(model, example_input(spec), group_size=group_size, coarsest_width=coarsest_width,
-                    transitions=transitions)
+                    transitions=transitions, rule=rule)
 
 
 @settings(max_examples=12, deadline=None, derandomize=True, database=None,
