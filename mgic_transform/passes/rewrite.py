@@ -22,12 +22,12 @@ from .._modcopy import fetch_attr
 from ..hierarchy import Hierarchy, analytic_params, hierarchy
 from ..nn.mgic_block import MGICBlock
 from ..nn.transfer import BN_BY_DIMS, CONV_BY_DIMS, GroupedLinear, make_residual_norm, make_transfer
-from ..nn.variants import LevelSpec, VariantError, VariantFactory, common_prefix, extract_block
 from ..plan import REWRITTEN, SKIPPED, BlockDecision, Decline
 from .blocks import Region
 from .channels import block_channel_dim, is_channel_mixing, layer_channel_dim
 from .shapes import shape_of
 from .transition import drop_projection_shortcut, is_head
+from .variants import LevelSpec, VariantError, VariantFactory, common_prefix, extract_block
 
 __all__ = ["RewriteOptions", "rewrite_blocks"]
 

@@ -52,8 +52,8 @@ import torch.nn.utils.parametrize
 from torch import nn
 
 from .._modcopy import copy_structure, fetch_attr
-from ..passes.channels import CONV_TYPES, layer_channel_dim
-from .transfer import GroupedLinear, pointwise_like
+from ..nn.transfer import GroupedLinear, pointwise_like
+from .channels import CONV_TYPES, layer_channel_dim
 
 __all__ = ["LevelSpec", "VariantError", "VariantFactory", "extract_block", "build_variant", "common_prefix"]
 
