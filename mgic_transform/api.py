@@ -11,6 +11,7 @@ from torch import nn
 
 from ._modcopy import copy_structure, own_tensors
 from .errors import ConfigError, InputError
+from .layers import example_input_shape
 from .nn.mgic_block import MGICBlock
 from .passes.blocks import find_blocks
 from .passes.ownership import mark_overwritable_inputs
@@ -22,9 +23,6 @@ from .tracing import LeafSpec, eliminate_dead_code, trace
 
 __all__ = ["mgicify", "infer_example_inputs"]
 
-_DEFAULT_SPATIAL = {1: (1024,), 2: (224, 224), 3: (16, 112, 112)}
-
-
 def infer_example_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
     """A dummy batch for ``model``, read off its first layer.
 
@@ -32,20 +30,14 @@ def infer_example_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
     ``Conv3d(3, ...)`` ``1x3x16x112x112`` and ``Linear(k, ...)`` ``1xk``.
     """
     for m in model.modules():
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        shape = example_input_shape(m)
+        if shape is not None:
             p = next(m.parameters())
-            spatial = _DEFAULT_SPATIAL[len(m.kernel_size)]
-            return (torch.zeros(1, m.in_channels, *spatial, dtype=p.dtype, device=p.device),)
-        if isinstance(m, nn.Linear):
-            p = m.weight
-            return (torch.zeros(1, m.in_features, dtype=p.dtype, device=p.device),)
+            return (torch.zeros(shape, dtype=p.dtype, device=p.device),)
     raise InputError(
         f"cannot infer an example input for {type(model).__name__}: it has no Conv or Linear layer to read the "
         f"input width from. Hint: pass example_inputs=torch.randn(...) with the shape the model expects."
     )
-
-
-_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def _normalise_skip(skip: Any) -> tuple[str, ...]:
@@ -211,7 +203,7 @@ def mgicify(
     if rule not in RULES:
         raise ConfigError(f"rule must be one of {', '.join(map(repr, RULES))}, got {rule!r}. Hint: rule=\"paper\" "
                           f"builds the paper's networks, rule=\"compact\" smaller ones.")
-    has_layers = any(isinstance(m, _LAYERS) for m in model.modules())
+    has_layers = any(example_input_shape(m) is not None for m in model.modules())
     if example_inputs is not None:
         inputs = _normalise_inputs(example_inputs)
     else:
@@ -222,7 +214,7 @@ def mgicify(
     # MGIC blocks never are.
     # buffers are cloned: tracing runs in-place buffer updates of forward() for real
     work = copy_structure(model, lambda t: t if isinstance(t, nn.Parameter) else t.clone())
-    gm = trace(work, leaf_modules=(MGICBlock, *leaf_modules), concrete_args=concrete_args)
+    gm = trace(work, leaf_modules=leaf_modules, concrete_args=concrete_args)
     eliminate_dead_code(gm)
     if has_layers or inputs:
         propagate_shapes(gm, _graph_inputs(gm, inputs))
