@@ -11,6 +11,7 @@ from torch import nn
 
 from ._modcopy import copy_structure, own_tensors
 from .errors import ConfigError, InputError
+from .inputs import as_input_tuple, infer_example_inputs
 from .layers import example_input_shape
 from .nn.mgic_block import MGICBlock
 from .passes.blocks import find_blocks
@@ -22,22 +23,6 @@ from .plan import MGICPlan
 from .tracing import LeafSpec, eliminate_dead_code, trace
 
 __all__ = ["mgicify", "infer_example_inputs"]
-
-def infer_example_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
-    """A dummy batch for ``model``, read off its first layer.
-
-    ``Conv2d(3, ...)`` gives ``1x3x224x224``, ``Conv1d(3, ...)`` ``1x3x1024``,
-    ``Conv3d(3, ...)`` ``1x3x16x112x112`` and ``Linear(k, ...)`` ``1xk``.
-    """
-    for m in model.modules():
-        shape = example_input_shape(m)
-        if shape is not None:
-            p = next(m.parameters())
-            return (torch.zeros(shape, dtype=p.dtype, device=p.device),)
-    raise InputError(
-        f"cannot infer an example input for {type(model).__name__}: it has no Conv or Linear layer to read the "
-        f"input width from. Hint: pass example_inputs=torch.randn(...) with the shape the model expects."
-    )
 
 
 def _normalise_skip(skip: Any) -> tuple[str, ...]:
@@ -130,19 +115,6 @@ def _check_positive_int(name: str, value: Any) -> int:
     return value
 
 
-def _normalise_inputs(example_inputs: Any) -> tuple[Any, ...]:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and example_inputs and all(
-        isinstance(t, torch.Tensor) for t in example_inputs
-    ):
-        return tuple(example_inputs)
-    raise InputError(
-        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}. "
-        f"Hint: mgicify(model, torch.randn(1, 3, 224, 224))."
-    )
-
-
 def mgicify(
     model: nn.Module,
     example_inputs: Union[torch.Tensor, Sequence[torch.Tensor], None] = None,
@@ -205,7 +177,7 @@ def mgicify(
                           f"builds the paper's networks, rule=\"compact\" smaller ones.")
     has_layers = any(example_input_shape(m) is not None for m in model.modules())
     if example_inputs is not None:
-        inputs = _normalise_inputs(example_inputs)
+        inputs = as_input_tuple(example_inputs)
     else:
         inputs = infer_example_inputs(model) if has_layers else ()
 

@@ -401,11 +401,11 @@ def _check_model_runs(model: Any, inputs: tuple) -> None:
     """Raise a usage error if the model itself rejects ``inputs`` (e.g. wrong channel count)."""
     import torch
 
-    from .report import _eval_mode
+    from .report import eval_mode
 
     shapes = ", ".join(",".join(map(str, t.shape)) for t in inputs)
     try:
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(*inputs)
     except Exception as exc:  # noqa: BLE001 - user model: any failure means the shape is unusable
         raise CLIError(
