@@ -51,7 +51,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, first_line
 from .inputs import as_input_tuple, infer_example_inputs
 from .plan import BlockDecision, MGICPlan
 
@@ -418,7 +418,7 @@ def count_flops(model: nn.Module, inputs: ExampleInputs) -> FlopCount:
             try:
                 total = int(analysis.total())
             except Exception as exc:  # noqa: BLE001 - any trace failure becomes a note in the report
-                return FlopCount(None, {}, {}, error=f"{type(exc).__name__}: {_first_line(exc)}")
+                return FlopCount(None, {}, {}, error=f"{type(exc).__name__}: {first_line(exc)}")
             return FlopCount(
                 total=total,
                 by_module={k: int(v) for k, v in analysis.by_module().items()},
@@ -462,11 +462,6 @@ def _ratio(after: Optional[int], before: Optional[int]) -> Optional[float]:
 
 def _sorted_ops(ops: Mapping[str, int]) -> tuple[tuple[str, int], ...]:
     return tuple(sorted(((str(k), int(v)) for k, v in ops.items()), key=lambda kv: (-kv[1], kv[0])))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def human(n: Optional[float]) -> str:

@@ -23,7 +23,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from .errors import TraceError
+from .errors import TraceError, first_line
 from .layers import is_known_leaf
 
 __all__ = ["InPlaceProxy", "LeafTracer", "trace", "writes_in_place", "eliminate_dead_code"]
@@ -246,9 +246,8 @@ def trace(
             if inside
             else "mark the offending submodule as a leaf with leaf_modules=[...]"
         )
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TraceError(
-            f"torch.fx cannot trace {type(model).__name__}: {first_line} (at {where}"
+            f"torch.fx cannot trace {type(model).__name__}: {first_line(exc)} (at {where}"
             f"{f', inside module {inside!r}' if inside else ''}). "
             f"Hint: {module_hint}, or fix the Python-level arguments with concrete_args={{...}}."
         ) from exc

@@ -51,7 +51,6 @@ class Region:
     entry: torch.fx.Node
     nodes: list[torch.fx.Node]
     kind: str
-    enclosed: int = 0  # number of inner units it encloses (when chosen over them)
     # What to try instead if this (transition) unit cannot be rewritten: the blocks inside it
     inner: list["Region"] = field(default_factory=list)
 
@@ -278,7 +277,6 @@ def _outermost_units(units: list[Region], transitions: bool) -> list[Region]:
             elif len(kids) >= 2:
                 stack.extend(kids)
             else:
-                units[i].enclosed = len(kids)
                 if units[i].kind == "transition" and kids:
                     units[i].inner = choose(kids)
                 chosen.append(units[i])

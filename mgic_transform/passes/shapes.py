@@ -21,7 +21,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .._modcopy import copy_structure
-from ..errors import InputError
+from ..errors import InputError, first_line
 
 __all__ = ["propagate_shapes", "run_fake", "run_meta", "meta_copy", "shape_of"]
 
@@ -135,7 +135,7 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) ->
         params = {str(p.dtype).replace("torch.", "") for p in gm.parameters()}
         raise InputError(
             f"the model rejects example inputs {shapes}: node {failure.node.name!r} "
-            f"({failure.node.op} {failure.node.target}) failed with: {str(failure.exc).splitlines()[0]}. "
+            f"({failure.node.op} {failure.node.target}) failed with: {first_line(failure.exc)}. "
             f"Hint: pass example_inputs with the shape and dtype the model expects (its parameters are "
             f"{'/'.join(sorted(params)) or 'absent'}; CLI: --input-shape)."
         ) from failure.exc

@@ -41,9 +41,10 @@ import torch.fx
 from torch import nn
 
 from .._modcopy import copy_structure, fetch_attr
+from ..errors import first_line
 from ..layers import VariantError, has_weights, instantiate, layer_channel_dim, is_channel_norm, reinstantiate
 
-__all__ = ["LevelSpec", "VariantError", "VariantFactory", "extract_block", "build_variant", "common_prefix"]
+__all__ = ["LevelSpec", "VariantError", "VariantFactory", "extract_block", "common_prefix"]
 
 
 @dataclass(frozen=True)
@@ -237,12 +238,11 @@ def _replay(block: torch.fx.GraphModule, spec: LevelSpec, shape: list[int], widt
     try:
         out = interp.run(x)
     except VariantError as exc:  # fx appends "While executing ..." notes: keep the reason to one line
-        raise VariantError(str(exc).split("\n")[0]) from exc
+        raise VariantError(first_line(exc)) from exc
     except Exception as exc:  # an op rejected the new width
         node = interp.node
         where = f"at {node.op} {node.target}" if node is not None else ""
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise VariantError(f"cannot re-instantiate at width {spec.width} {where}: {msg}") from exc
+        raise VariantError(f"cannot re-instantiate at width {spec.width} {where}: {first_line(exc)}") from exc
     if not isinstance(out, torch.Tensor) or list(out.shape) != shape:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise VariantError(f"at width {spec.width} the block maps {tuple(shape)} to {got}, not to itself")
@@ -345,10 +345,3 @@ def _replace_ints(value: Any, mapping: dict[int, int]) -> Any:
     if isinstance(value, dict):
         return {k: _replace_ints(v, mapping) for k, v in value.items()}
     return type(value)(_replace_ints(v, mapping) for v in value)
-
-
-def build_variant(block: torch.fx.GraphModule, spec: LevelSpec, input_shape: torch.Size, channel_dim: int,
-                  widths: frozenset[int], dtype: torch.dtype = torch.float32,
-                  device: torch.device | str = "cpu") -> torch.fx.GraphModule:
-    """One variant, without caching (see :meth:`VariantFactory.build`)."""
-    return VariantFactory().build(block, spec, input_shape, channel_dim, widths, dtype, device)
