@@ -1,4 +1,4 @@
-"""Where does an MGICBlock spend its CPU time? (issue 5.4) ResNet-50, s_g=32, s_c=64.
+"""Where does an MGICBlock spend its CPU time? ResNet-50, s_g=32, s_c=64.
 
 Three views, all in eval mode under ``torch.inference_mode()`` on one batch
 (default 8x3x224x224), every MGICBlock run on the exact input it sees inside the

@@ -1,4 +1,4 @@
-"""Property-based tests of ``mgicify`` on random CNNs (issue 6, part 2).
+"""Property-based tests of ``mgicify`` on random CNNs.
 
 A hypothesis strategy draws small CNNs from plain data (so a failing example prints
 as a readable spec and can be pasted into ``@example``): Conv1d or Conv2d; odd and
@@ -287,7 +287,7 @@ def _mgic_nodes(gm):
 
 
 def check_transform(model, x, *, one_line_reasons=True, **options):
-    """Transform ``model`` and check every property of issue 6.2; return the result."""
+    """Transform ``model`` and check every property listed in the module docstring; return the result."""
     model.train()
     snap = _snapshot(model)
     model.eval()
