@@ -115,6 +115,19 @@ def _check_positive_int(name: str, value: Any) -> int:
     return value
 
 
+def _fixed_training_notes(model: nn.Module, gm: torch.fx.GraphModule) -> list[str]:
+    """A note (also warned, to ``mgicify``'s caller) when the trace fixed ``self.training`` to the current mode."""
+    if not gm.meta.get("reads_training"):
+        return []
+    where = ", ".join(repr(p or type(model).__name__) for p in gm.meta["reads_training"][:3])
+    mode = "train" if model.training else "eval"
+    note = (f"forward() of {where} reads self.training; torch.fx fixed it to {mode} mode, so the result always "
+            f"takes the {mode}-mode branch there. Transform model.{'eval' if mode == 'train' else 'train'}() for "
+            f"the other mode, or mark the module a leaf (leaf_modules=[...])")
+    warnings.warn(note, UserWarning, stacklevel=3)
+    return [note]
+
+
 def mgicify(
     model: nn.Module,
     example_inputs: Union[torch.Tensor, Sequence[torch.Tensor], None] = None,
@@ -207,15 +220,7 @@ def mgicify(
     if unused:
         warnings.warn(f"skip pattern(s) {unused} matched no block; module paths look like "
                       f"{[d.path for d in decisions[:3]]}", UserWarning, stacklevel=2)
-    notes = []
-    if gm.meta.get("reads_training"):
-        where = ", ".join(repr(p or type(model).__name__) for p in gm.meta["reads_training"][:3])
-        mode = "train" if model.training else "eval"
-        note = (f"forward() of {where} reads self.training; torch.fx fixed it to {mode} mode, so the result always "
-                f"takes the {mode}-mode branch there. Transform model.{'eval' if mode == 'train' else 'train'}() for "
-                f"the other mode, or mark the module a leaf (leaf_modules=[...])")
-        notes.append(note)
-        warnings.warn(note, UserWarning, stacklevel=2)
+    notes = _fixed_training_notes(model, gm)
     if not has_layers:
         notes.append("the model has no Conv or Linear layer: nothing to rewrite")
     elif not decisions:
