@@ -361,8 +361,7 @@ def _splice(gm: torch.fx.GraphModule, region: Region, target: str, mgic: MGICBlo
     gm.add_submodule(target, mgic)
     with gm.graph.inserting_before(region.exit):
         node = gm.graph.call_module(target, (region.entry,))
-    node.meta["shape"] = shape_of(region.exit)
-    node.meta["dtype"] = region.exit.meta.get("dtype")
+    node.meta["tensor_meta"] = region.exit.meta.get("tensor_meta")
     region.exit.replace_all_uses_with(node)
     inside = set(region.nodes)
     consts = list(dict.fromkeys(a for n in region.nodes for a in n.all_input_nodes

@@ -42,7 +42,8 @@ from torch import nn
 
 from .._modcopy import copy_structure, fetch_attr
 from ..errors import first_line
-from ..layers import VariantError, has_weights, instantiate, layer_channel_dim, is_channel_norm, reinstantiate
+from ..layers import VariantError, has_weights, instantiate, is_channel_norm, layer_channel_dim, reinstantiate
+from .shapes import shape_of
 
 __all__ = ["LevelSpec", "VariantError", "VariantFactory", "extract_block", "common_prefix"]
 
@@ -163,7 +164,7 @@ class _Reinstantiate(torch.fx.Interpreter):
         mod = self.fetch_attr(target)
         x = args[0]
         src = self.node.args[0] if self.node is not None and self.node.args else None
-        orig = src.meta.get("shape") if isinstance(src, torch.fx.Node) else None  # at the original width
+        orig = shape_of(src)  # at the original width
         dim = layer_channel_dim(mod, orig)
         in_w = x.shape[dim] if dim is not None and isinstance(x, torch.Tensor) and x.dim() > 1 else 0
         if in_w and orig is not None and len(orig) == x.dim():
