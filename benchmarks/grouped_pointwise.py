@@ -1,4 +1,4 @@
-"""Grouped 1x1 convolution: ``F.conv2d`` vs the batched matmul of ``PointwiseConv2d`` (issue 5.3).
+"""Grouped 1x1 convolution: ``F.conv2d`` vs the batched matmul of ``PointwiseConv2d``.
 
 The evidence behind :class:`mgic_transform.nn.transfer.PointwiseConv2d`. For the grouped 1x1 shapes
 of a ResNet-50 MGIC network (``R_j``, ``P_j`` and the levels' grouped 1x1 layers, batch 8), it

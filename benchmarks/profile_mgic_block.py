@@ -1,4 +1,4 @@
-"""Where does an MGICBlock spend its CPU time? (issue 5.4) ResNet-50, s_g=32, s_c=64.
+"""Where does an MGICBlock spend its CPU time? ResNet-50, s_g=32, s_c=64.
 
 Three views, all in eval mode under ``torch.inference_mode()`` on one batch
 (default 8x3x224x224), every MGICBlock run on the exact input it sees inside the
@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import code_version, emit, interleaved, load_line, machine_line, median  # noqa: E402
 
 import mgic_transform as mt  # noqa: E402
-from mgic_transform.nn.mgic_block import _writable  # noqa: E402
+from mgic_transform.nn.mgic_block import _corrected, _residual, reference_forward  # noqa: E402
 from mgic_transform.nn.transfer import plain_convs  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -54,7 +54,7 @@ BASELINE = "MGIC baseline (as of ae76e27: nn.Conv2d for grouped 1x1, out of plac
 
 
 def instrumented_forward(block: mt.MGICBlock, x: torch.Tensor) -> torch.Tensor:
-    """``MGICBlock.forward`` with a profiler label around every part (same math, same order, same in-place ops)."""
+    """``MGICBlock.forward`` with a profiler label around every part (same math, same order, same in-place helpers)."""
     if block.connector is not None:
         with record_function("part: connector"):
             x = block.connector(x)
@@ -67,14 +67,14 @@ def instrumented_forward(block: mt.MGICBlock, x: torch.Tensor) -> torch.Tensor:
     for j in range(len(block.restrict) - 1, -1, -1):
         restricted = xs.pop()
         with record_function("part: residual y - Rx"):
-            r = y.sub_(restricted) if _writable(y, restricted) else y - restricted
+            r = _residual(y, restricted)
         del y, restricted
         with record_function("part: prolong P"):
             r = block.prolong[j](r)
         with record_function("part: norm N"):
             r = block.norms[j](r)
         with record_function("part: correction add"):
-            y = r.add_(xs[-1]) if _writable(r, xs[-1]) else xs[-1] + r
+            y = _corrected(xs[-1], r, may_overwrite_x=False)
         del r
         with record_function("part: fine level (grouped)"):
             y = block.levels[j](y)
@@ -95,17 +95,7 @@ class BaselineMGICBlock(mt.MGICBlock):
     def forward(self, x: torch.Tensor, *, overwrite_input: bool = False) -> torch.Tensor:
         if self.inplace:
             return super().forward(x, overwrite_input=overwrite_input)
-        if self.connector is not None:
-            x = self.connector(x)
-        xs = [x]
-        for restrict in self.restrict:
-            xs.append(restrict(xs[-1]))
-        y = self.levels[-1](xs[-1].clone() if self.coarsest_mutates_input else xs[-1])
-        for j in range(len(self.restrict) - 1, -1, -1):
-            restricted = xs.pop()
-            y = xs[-1] + self.norms[j](self.prolong[j](y - restricted))
-            y = self.levels[j](y)
-        return y
+        return reference_forward(self, x)  # Algorithm 1 out of place, as first written
 
 
 def out_of_place_adds(net: nn.Module) -> nn.Module:

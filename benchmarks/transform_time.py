@@ -1,4 +1,4 @@
-"""How ``mgicify`` time grows with depth (issue 4.3): synthetic residual nets of 250 / 500 / 1000 blocks.
+"""How ``mgicify`` time grows with depth (it should be linear): synthetic residual nets of 250 / 500 / 1000 blocks.
 
 The network is a stem ``Conv2d(3, w, 3)``, ``depth`` identical residual blocks
 ``relu(x + bn(conv(relu(bn(conv(x))))))`` of width ``w`` (default 64), then

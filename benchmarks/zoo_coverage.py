@@ -1,4 +1,4 @@
-"""Run ``mgicify`` over a model zoo and tabulate what it did (issues 4.2 / 4.3).
+"""Run ``mgicify`` over a model zoo and tabulate what it did (coverage, size ratios, transform time).
 
 For every model (random init, no weights downloaded) this
 

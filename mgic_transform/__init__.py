@@ -10,11 +10,7 @@ from .errors import MGICError
 from .inference import fold_batchnorm
 from .nn.mgic_block import MGICBlock
 from .plan import BlockDecision, MGICPlan
-
-try:  # the report lands separately; keep the core importable without it
-    from .report import Report, compare
-except ImportError:  # pragma: no cover
-    pass
+from .report import Report, compare
 
 __all__ = ["mgicify", "compare", "fold_batchnorm", "Report", "MGICBlock", "MGICError", "MGICPlan", "BlockDecision"]
 __version__ = "0.1.0"

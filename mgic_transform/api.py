@@ -12,6 +12,8 @@ from torch import nn
 
 from ._modcopy import copy_structure, own_tensors
 from .errors import ConfigError, InputError
+from .inputs import as_input_tuple, infer_example_inputs
+from .layers import example_input_shape
 from .nn.mgic_block import MGICBlock
 from .passes.blocks import find_blocks
 from .passes.ownership import mark_overwritable_inputs
@@ -23,31 +25,6 @@ from .plan import Budget, MGICPlan
 from .tracing import LeafSpec, eliminate_dead_code, trace
 
 __all__ = ["mgicify", "infer_example_inputs"]
-
-_DEFAULT_SPATIAL = {1: (1024,), 2: (224, 224), 3: (16, 112, 112)}
-
-
-def infer_example_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
-    """A dummy batch for ``model``, read off its first layer.
-
-    ``Conv2d(3, ...)`` gives ``1x3x224x224``, ``Conv1d(3, ...)`` ``1x3x1024``,
-    ``Conv3d(3, ...)`` ``1x3x16x112x112`` and ``Linear(k, ...)`` ``1xk``.
-    """
-    for m in model.modules():
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            p = next(m.parameters())
-            spatial = _DEFAULT_SPATIAL[len(m.kernel_size)]
-            return (torch.zeros(1, m.in_channels, *spatial, dtype=p.dtype, device=p.device),)
-        if isinstance(m, nn.Linear):
-            p = m.weight
-            return (torch.zeros(1, m.in_features, dtype=p.dtype, device=p.device),)
-    raise InputError(
-        f"cannot infer an example input for {type(model).__name__}: it has no Conv or Linear layer to read the "
-        f"input width from. Hint: pass example_inputs=torch.randn(...) with the shape the model expects."
-    )
-
-
-_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def _normalise_skip(skip: Any) -> tuple[str, ...]:
@@ -158,17 +135,17 @@ def _check_target(target_params: Any, target_flops: Any, group_size: Any, coarse
     return metric, float(value)
 
 
-def _normalise_inputs(example_inputs: Any) -> tuple[Any, ...]:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and example_inputs and all(
-        isinstance(t, torch.Tensor) for t in example_inputs
-    ):
-        return tuple(example_inputs)
-    raise InputError(
-        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}. "
-        f"Hint: mgicify(model, torch.randn(1, 3, 224, 224))."
-    )
+def _fixed_training_notes(model: nn.Module, gm: torch.fx.GraphModule) -> list[str]:
+    """A note (also warned, to ``mgicify``'s caller) when the trace fixed ``self.training`` to the current mode."""
+    if not gm.meta.get("reads_training"):
+        return []
+    where = ", ".join(repr(p or type(model).__name__) for p in gm.meta["reads_training"][:3])
+    mode = "train" if model.training else "eval"
+    note = (f"forward() of {where} reads self.training; torch.fx fixed it to {mode} mode, so the result always "
+            f"takes the {mode}-mode branch there. Transform model.{'eval' if mode == 'train' else 'train'}() for "
+            f"the other mode, or mark the module a leaf (leaf_modules=[...])")
+    warnings.warn(note, UserWarning, stacklevel=3)
+    return [note]
 
 
 def mgicify(
@@ -236,7 +213,7 @@ def mgicify(
     target = _check_target(target_params, target_flops, group_size, coarsest_width)
     if target is not None:
         metric, ratio = target
-        inputs = _normalise_inputs(example_inputs) if example_inputs is not None else infer_example_inputs(model)
+        inputs = as_input_tuple(example_inputs) if example_inputs is not None else infer_example_inputs(model)
         options = dict(skip=skip, transitions=transitions, rule=rule, leaf_modules=tuple(leaf_modules),
                        concrete_args=concrete_args)
         gm, chosen, measured = search_budget(
@@ -251,9 +228,9 @@ def mgicify(
     if rule not in RULES:
         raise ConfigError(f"rule must be one of {', '.join(map(repr, RULES))}, got {rule!r}. Hint: rule=\"paper\" "
                           f"builds the paper's networks, rule=\"compact\" smaller ones.")
-    has_layers = any(isinstance(m, _LAYERS) for m in model.modules())
+    has_layers = any(example_input_shape(m) is not None for m in model.modules())
     if example_inputs is not None:
-        inputs = _normalise_inputs(example_inputs)
+        inputs = as_input_tuple(example_inputs)
     else:
         inputs = infer_example_inputs(model) if has_layers else ()
 
@@ -262,7 +239,7 @@ def mgicify(
     # MGIC blocks never are.
     # buffers are cloned: tracing runs in-place buffer updates of forward() for real
     work = copy_structure(model, lambda t: t if isinstance(t, nn.Parameter) else t.clone())
-    gm = trace(work, leaf_modules=(MGICBlock, *leaf_modules), concrete_args=concrete_args)
+    gm = trace(work, leaf_modules=leaf_modules, concrete_args=concrete_args)
     eliminate_dead_code(gm)
     if has_layers or inputs:
         propagate_shapes(gm, _graph_inputs(gm, inputs))
@@ -283,15 +260,7 @@ def mgicify(
     if unused:
         warnings.warn(f"skip pattern(s) {unused} matched no block; module paths look like "
                       f"{[d.path for d in decisions[:3]]}", UserWarning, stacklevel=2)
-    notes = []
-    if gm.meta.get("reads_training"):
-        where = ", ".join(repr(p or type(model).__name__) for p in gm.meta["reads_training"][:3])
-        mode = "train" if model.training else "eval"
-        note = (f"forward() of {where} reads self.training; torch.fx fixed it to {mode} mode, so the result always "
-                f"takes the {mode}-mode branch there. Transform model.{'eval' if mode == 'train' else 'train'}() for "
-                f"the other mode, or mark the module a leaf (leaf_modules=[...])")
-        notes.append(note)
-        warnings.warn(note, UserWarning, stacklevel=2)
+    notes = _fixed_training_notes(model, gm)
     if not has_layers:
         notes.append("the model has no Conv or Linear layer: nothing to rewrite")
     elif not decisions:

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, NoReturn, Optional, Sequence
 
+from .errors import first_line
+
 __all__ = ["main", "build_parser", "load_model", "parse_shape", "output_paths"]
 
 EXIT_OK = 0
@@ -203,7 +205,7 @@ def _exec_file(path: Path) -> ModelSource:
     try:
         exec(code, module.__dict__)
     except Exception as exc:  # noqa: BLE001 - user code: any failure is an input error
-        raise CLIError(f"{_where_in(exc, path)}running {path} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise CLIError(f"{_where_in(exc, path)}running {path} failed: {type(exc).__name__}: {first_line(exc)}") from exc
     return ModelSource(namespace=vars(module), where=str(path), module_name=name)
 
 
@@ -241,9 +243,9 @@ def _try_import(name: str) -> Optional[types.ModuleType]:
     except ModuleNotFoundError as exc:
         if exc.name is not None and (name == exc.name or name.startswith(exc.name + ".")):
             return None
-        raise CLIError(f"importing {name} failed: {_first_line(exc)}") from exc
+        raise CLIError(f"importing {name} failed: {first_line(exc)}") from exc
     except Exception as exc:  # noqa: BLE001 - third-party import code: any failure is an input error
-        raise CLIError(f"importing {name} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise CLIError(f"importing {name} failed: {type(exc).__name__}: {first_line(exc)}") from exc
 
 
 def _required_args(fn: Callable[..., Any]) -> Optional[list[str]]:
@@ -275,7 +277,7 @@ def _build(obj: Any, label: str) -> Any:
     try:
         model = obj()
     except Exception as exc:  # noqa: BLE001 - user code: any failure is an input error
-        raise CLIError(f"building the model with {label}() failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise CLIError(f"building the model with {label}() failed: {type(exc).__name__}: {first_line(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise CLIError(f"{label}() returned a {type(model).__name__}, not an nn.Module")
     return model
@@ -382,11 +384,6 @@ class _Progress:
         print(f" {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _transform(model: Any, inputs: Optional[tuple], args: argparse.Namespace) -> Any:
     """Run ``mgicify``; translate its errors into exit codes."""
     from . import mgicify
@@ -405,14 +402,14 @@ def _transform(model: Any, inputs: Optional[tuple], args: argparse.Namespace) ->
             target_flops=args.target_flops,
         )
     except (ConfigError, InputError) as exc:
-        raise CLIError(_first_line(exc), EXIT_USAGE) from exc
+        raise CLIError(first_line(exc), EXIT_USAGE) from exc
     except MGICError as exc:
-        raise CLIError(f"cannot transform the model: {_first_line(exc)}", EXIT_UNTRANSFORMABLE) from exc
+        raise CLIError(f"cannot transform the model: {first_line(exc)}", EXIT_UNTRANSFORMABLE) from exc
     except Exception as exc:  # noqa: BLE001 - find out whose fault it is before blaming the compiler
         if inputs is not None:
             _check_model_runs(model, inputs)
         raise CLIError(
-            f"internal error in mgic-transform: {type(exc).__name__}: {_first_line(exc)} "
+            f"internal error in mgic-transform: {type(exc).__name__}: {first_line(exc)} "
             "(rerun with --debug for the traceback and please report it)",
             EXIT_UNTRANSFORMABLE,
         ) from exc
@@ -422,15 +419,15 @@ def _check_model_runs(model: Any, inputs: tuple) -> None:
     """Raise a usage error if the model itself rejects ``inputs`` (e.g. wrong channel count)."""
     import torch
 
-    from .report import _eval_mode
+    from .report import eval_mode
 
     shapes = ", ".join(",".join(map(str, t.shape)) for t in inputs)
     try:
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(*inputs)
     except Exception as exc:  # noqa: BLE001 - user model: any failure means the shape is unusable
         raise CLIError(
-            f"the model does not accept --input-shape {shapes}: {type(exc).__name__}: {_first_line(exc)}"
+            f"the model does not accept --input-shape {shapes}: {type(exc).__name__}: {first_line(exc)}"
         ) from exc
 
 
@@ -468,7 +465,7 @@ def _run(args: argparse.Namespace, progress: _Progress) -> int:
         try:
             report = compare(model, gm, inputs)
         except MGICError as exc:
-            raise CLIError(_first_line(exc)) from exc
+            raise CLIError(first_line(exc)) from exc
 
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -491,7 +488,7 @@ def _show_warnings(caught: Sequence[warnings.WarningMessage], debug: bool) -> No
     seen = set()
     for w in caught:
         ours = str(w.filename).startswith(package) and issubclass(w.category, UserWarning)
-        line = f"warning: {_first_line(w.message)}" if not debug else warnings.formatwarning(
+        line = f"warning: {first_line(w.message)}" if not debug else warnings.formatwarning(
             w.message, w.category, w.filename, w.lineno).rstrip()
         if (ours or debug) and line not in seen:
             seen.add(line)

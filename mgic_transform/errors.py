@@ -8,7 +8,7 @@ exceptions so they are not mistaken for user errors.
 
 from __future__ import annotations
 
-__all__ = ["MGICError", "TraceError", "ConfigError", "InputError"]
+__all__ = ["MGICError", "TraceError", "ConfigError", "InputError", "first_line"]
 
 
 class MGICError(Exception):
@@ -25,3 +25,9 @@ class InputError(MGICError, ValueError):
 
 class TraceError(MGICError):
     """``torch.fx`` could not trace the model; the message names the line and the remedy."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty), for one-line reasons."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

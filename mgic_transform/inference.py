@@ -18,15 +18,11 @@ import torch.fx
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .layers import absorbs_batchnorm, is_foldable_batchnorm
 from .nn.mgic_block import MGICBlock
-from .nn.transfer import POINTWISE_BY_DIMS
-from .passes.channels import CONV_TYPES
 from .tracing import trace
 
 __all__ = ["fold_batchnorm"]
-
-# Exact types: a user's conv subclass may do more in forward() than the folded weights know of.
-_FOLDABLE = (*CONV_TYPES, *POINTWISE_BY_DIMS.values())
 
 
 def _fold_graph(gm: torch.fx.GraphModule) -> None:
@@ -34,13 +30,13 @@ def _fold_graph(gm: torch.fx.GraphModule) -> None:
     changed = False
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), nn.modules.batchnorm._BatchNorm):
+        if node.op != "call_module" or not is_foldable_batchnorm(gm.get_submodule(node.target)):
             continue
         src = node.args[0] if node.args else None
         if not (isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.users) == 1):
             continue
         conv, bn = gm.get_submodule(src.target), gm.get_submodule(node.target)
-        if type(conv) not in _FOLDABLE or not bn.track_running_stats or bn.running_mean is None:
+        if not absorbs_batchnorm(conv) or not bn.track_running_stats or bn.running_mean is None:
             continue
         if calls[src.target] != 1:
             continue  # a conv module called twice cannot absorb one of its BNs
@@ -72,7 +68,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     for module in list(out.modules()):
         if isinstance(module, MGICBlock):
             for j, (p, n) in enumerate(zip(module.prolong, module.norms)):
-                if type(p) in _FOLDABLE and isinstance(n, nn.modules.batchnorm._BatchNorm) and n.running_mean is not None:
+                if absorbs_batchnorm(p) and is_foldable_batchnorm(n) and n.running_mean is not None:
                     module.prolong[j] = fuse_conv_bn_eval(p, n)
                     module.norms[j] = nn.Identity()
         elif isinstance(module, torch.fx.GraphModule):

@@ -51,11 +51,11 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .api import infer_example_inputs
-from .errors import InputError
+from .errors import InputError, first_line
+from .inputs import as_input_tuple, infer_example_inputs
 from .plan import BlockDecision, Budget, MGICPlan
 
-__all__ = ["BlockRow", "Report", "compare", "count_params", "count_flops", "FlopCount", "FLOP_CONVENTION"]
+__all__ = ["BlockRow", "Report", "compare", "count_params", "count_flops", "eval_mode", "FlopCount", "FLOP_CONVENTION"]
 
 FLOP_CONVENTION = "1 FLOP = 1 multiply-add (fvcore; the convention of the MGIC paper's tables)"
 
@@ -273,8 +273,9 @@ def compare(
         )
     if example_inputs is None:
         example_inputs = meta.get("mgic_example_inputs")
-    # the input mgicify used, else the same guess mgicify makes (``api.infer_example_inputs``)
-    inputs = _as_input_tuple(example_inputs) if example_inputs is not None else infer_example_inputs(original)
+    # the input mgicify used, else the same guess mgicify makes
+    inputs = as_input_tuple(example_inputs, allow_empty=True) if example_inputs is not None \
+        else infer_example_inputs(original)
 
     before = count_flops(original, inputs)
     after = count_flops(transformed, inputs)
@@ -409,12 +410,12 @@ def count_flops(model: nn.Module, inputs: ExampleInputs) -> FlopCount:
     reason in ``error`` rather than an exception, so the parameter counts of a
     report survive a model with, say, dict inputs.
     """
-    inputs = _as_input_tuple(inputs)
+    inputs = as_input_tuple(inputs, allow_empty=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fvcore import and jit.trace emit deprecation/tracer warnings
         from fvcore.nn import FlopCountAnalysis
 
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             analysis = (
                 FlopCountAnalysis(model, inputs)
                 .set_op_handle("aten::matmul", _matmul_flops)
@@ -424,7 +425,7 @@ def count_flops(model: nn.Module, inputs: ExampleInputs) -> FlopCount:
             try:
                 total = int(analysis.total())
             except Exception as exc:  # noqa: BLE001 - any trace failure becomes a note in the report
-                return FlopCount(None, {}, {}, error=f"{type(exc).__name__}: {_first_line(exc)}")
+                return FlopCount(None, {}, {}, error=f"{type(exc).__name__}: {first_line(exc)}")
             return FlopCount(
                 total=total,
                 by_module={k: int(v) for k, v in analysis.by_module().items()},
@@ -446,7 +447,7 @@ def _matmul_flops(inputs: list[Any], outputs: list[Any]) -> int:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """Put ``model`` in eval mode; restore each submodule's own ``training`` flag on exit."""
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -455,20 +456,6 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for m, training in flags:
             m.training = training
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-def _as_input_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_inputs):
-        return tuple(example_inputs)
-    raise InputError(
-        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}; "
-        "pass e.g. torch.randn(1, 3, 224, 224)"
-    )
 
 
 # --------------------------------------------------------------------------- formatting
@@ -482,11 +469,6 @@ def _ratio(after: Optional[int], before: Optional[int]) -> Optional[float]:
 
 def _sorted_ops(ops: Mapping[str, int]) -> tuple[tuple[str, int], ...]:
     return tuple(sorted(((str(k), int(v)) for k, v in ops.items()), key=lambda kv: (-kv[1], kv[0])))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def human(n: Optional[float]) -> str:

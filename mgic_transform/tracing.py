@@ -23,7 +23,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from .errors import TraceError
+from .errors import TraceError, first_line
+from .layers import is_known_leaf
 
 __all__ = ["InPlaceProxy", "LeafTracer", "trace", "writes_in_place", "eliminate_dead_code"]
 
@@ -173,7 +174,7 @@ class LeafTracer(torch.fx.Tracer):
             return True
         # Subclasses of the layers the compiler knows (timm's BatchNormAct2d, Conv2dSame, LayerNorm2d ...)
         # stay whole: tracing through them would bake `self.training` into F.batch_norm calls.
-        if isinstance(m, KNOWN_LAYERS):
+        if is_known_leaf(m):
             return True
         # Weightless modules whose forward reads self.training (StochasticDepth, DropPath ...): traced
         # through, train()/eval() would stop switching them.
@@ -195,12 +196,6 @@ class LeafTracer(torch.fx.Tracer):
             raise
         finally:
             self._current_module.pop()
-
-
-KNOWN_LAYERS = (
-    nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
-    nn.GroupNorm, nn.LayerNorm, nn.PReLU,
-)
 
 
 @functools.lru_cache(maxsize=None)
@@ -251,9 +246,8 @@ def trace(
             if inside
             else "mark the offending submodule as a leaf with leaf_modules=[...]"
         )
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TraceError(
-            f"torch.fx cannot trace {type(model).__name__}: {first_line} (at {where}"
+            f"torch.fx cannot trace {type(model).__name__}: {first_line(exc)} (at {where}"
             f"{f', inside module {inside!r}' if inside else ''}). "
             f"Hint: {module_hint}, or fix the Python-level arguments with concrete_args={{...}}."
         ) from exc

@@ -1,4 +1,4 @@
-"""Determinism (issue 6, part 4): the same seed gives the same transformed weights.
+"""Determinism: the same seed gives the same transformed weights.
 
 ``torch.manual_seed(s)`` before ``mgicify`` fixes every new weight (block variants,
 transfer operators, residual norms); kept layers are exact copies of the input

@@ -1,4 +1,4 @@
-"""The transformed model works with the rest of PyTorch (issue 6, part 3).
+"""The transformed model works with the rest of PyTorch.
 
 torch.save/torch.load (in a fresh process), state_dict round trips, copy.deepcopy,
 torch.export, torch.compile, DistributedDataParallel (2 gloo ranks on CPU) and

@@ -1,4 +1,4 @@
-"""The error contract of ``mgicify`` (issue 6, part 1).
+"""The error contract of ``mgicify`` (every user error is an MGICError with a hint).
 
 Every error raised on bad input is an :class:`mgic_transform.MGICError` whose message
 names the problem and a fix; unmatched ``skip`` patterns warn; a model without any

@@ -1,4 +1,4 @@
-"""The example scripts (issue 5) and the shared reference models in ``examples/models.py``.
+"""The example scripts and the shared reference models in ``examples/models.py``.
 
 The scripts run in a subprocess with ``--quick`` (tiny data, one epoch) and the tests read
 their printed tables; they are marked ``slow`` (tens of seconds each, one runs two

@@ -7,6 +7,7 @@ from torch import nn
 import mgic_transform as mt
 from mgic_transform.hierarchy import level_groups, level_widths, transfer_groups
 from mgic_transform.nn import MGICBlock
+from mgic_transform.nn.mgic_block import reference_forward
 from mgic_transform.nn.transfer import (
     CONV_BY_DIMS,
     POINTWISE_BY_DIMS,
@@ -240,3 +241,77 @@ def test_in_place_residual_is_traced_as_in_place_and_computes_the_same():
         with torch.inference_mode():
             torch.testing.assert_close(gm(x), outs[inplace])
     torch.testing.assert_close(outs[True], outs[False])
+
+
+# --------------------------------------------------------------------------- the fast path computes Algorithm 1
+
+
+def _randomise_(module):
+    """Random weights, biases and BatchNorm statistics everywhere: no level, norm or transfer is the identity."""
+    with torch.no_grad():
+        for m in module.modules():
+            for p in m.parameters(recurse=False):
+                p.copy_(torch.randn_like(p) * 0.5)
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn_like(m.running_mean))
+                m.running_var.copy_(torch.rand_like(m.running_var) + 0.5)
+    return module
+
+
+def _random_mgic(connector, coarsest_mutates_input, widths=(32, 16, 8), s_g=4):
+    """A three-level block with grouped conv-BN-ReLU levels and, optionally, a coarsest level that writes into its input."""
+    space = {"spatial_dims": 2, "channels_last": False}
+    pairs = list(zip(widths, widths[1:]))
+    fine = [nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c // s_g), nn.BatchNorm2d(c), nn.ReLU()) for c in widths[:-1]]
+    c = widths[-1]
+    coarsest = nn.Sequential(*([nn.ReLU(inplace=True)] if coarsest_mutates_input else []),
+                             nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c))
+    block = MGICBlock(
+        fine + [coarsest],
+        [make_transfer(f, c, transfer_groups(f, c, s_g), **space) for f, c in pairs],
+        [make_transfer(c, f, transfer_groups(f, c, s_g), **space) for f, c in pairs],
+        [make_residual_norm(f, **space) for f, _ in pairs],
+        nn.Sequential(nn.Conv2d(12, 32, 3, padding=1, groups=4), nn.BatchNorm2d(32)) if connector else None,
+        coarsest_mutates_input=coarsest_mutates_input,
+    )
+    return _randomise_(block)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("connector", [False, True], ids=["", "connector"])
+@pytest.mark.parametrize("coarsest_mutates_input", [False, True], ids=["", "mutating-coarsest"])
+def test_forward_with_autograd_is_the_reference_with_its_gradients(training, connector, coarsest_mutates_input):
+    torch.manual_seed(0)
+    block = _random_mgic(connector, coarsest_mutates_input).train(training)
+    x = torch.randn(3, 12 if connector else 32, 6, 6, requires_grad=True)
+    ref = reference_forward(block, x)
+    finest_alone = block.levels[0](block.connector(x) if connector else x)
+    assert not torch.allclose(ref, finest_alone)  # the coarse levels contribute: not a vacuous comparison
+    got = block(x)
+    torch.testing.assert_close(got, ref)
+    g = torch.randn_like(ref)
+    params = list(block.parameters())
+    for a, b in zip(torch.autograd.grad(got, [x, *params], g), torch.autograd.grad(ref, [x, *params], g)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("connector", [False, True], ids=["", "connector"])
+@pytest.mark.parametrize("coarsest_mutates_input", [False, True], ids=["", "mutating-coarsest"])
+@pytest.mark.parametrize("overwrite_input", [False, True], ids=["", "overwrite_input"])
+def test_in_place_fast_path_is_the_reference(grad_mode, training, connector, coarsest_mutates_input, overwrite_input):
+    """Without autograd the block computes in place (its own maps, and its input if allowed): same result."""
+    torch.manual_seed(0)
+    block = _random_mgic(connector, coarsest_mutates_input).train(training)
+    x = torch.randn(3, 12 if connector else 32, 6, 6)
+    with torch.no_grad():
+        ref = reference_forward(block, x.clone())
+    arg = x.clone()
+    with grad_mode():
+        got = block(arg, overwrite_input=overwrite_input)
+    torch.testing.assert_close(got, ref)
+    if overwrite_input and not connector:  # the in-place path did run: the finest correction went into the input
+        assert got.data_ptr() != arg.data_ptr() and not torch.equal(arg, x)
+    else:  # the caller's tensor is never written otherwise (a connector's output is the block's own)
+        torch.testing.assert_close(arg, x, rtol=0, atol=0)

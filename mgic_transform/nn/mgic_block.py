@@ -12,7 +12,9 @@ For a block of width ``c`` the MGIC block holds a hierarchy of widths
     return y
 
 ``x_{j+1}`` *is* ``R_j x_j`` from the way down, so the correction reuses it
-instead of recomputing the restriction. Coarse maps are dropped as soon as the
+instead of recomputing the restriction. :func:`reference_forward` is exactly
+this loop, out of place; :meth:`MGICBlock.forward` computes the same with less
+memory (and is tested against it). Coarse maps are dropped as soon as the
 way up has used them (the paper's inference-memory argument), and without
 autograd the residual and the correction are computed in place in tensors the
 block owns, and in its input only where the caller passes ``overwrite_input=True``
@@ -32,7 +34,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-__all__ = ["MGICBlock"]
+__all__ = ["MGICBlock", "reference_forward"]
 
 
 def _writable(t: torch.Tensor, other: torch.Tensor) -> bool:
@@ -50,6 +52,20 @@ def _dense(t: torch.Tensor) -> bool:
     """Contiguous in some memory format, so no two elements share memory."""
     return (t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
             or (t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)))
+
+
+def _residual(y: torch.Tensor, restricted: torch.Tensor) -> torch.Tensor:
+    """The coarse-grid residual ``y - R_j x_j``, written into ``y`` where :func:`_writable` allows."""
+    return y.sub_(restricted) if _writable(y, restricted) else y - restricted
+
+
+def _corrected(x: torch.Tensor, correction: torch.Tensor, may_overwrite_x: bool) -> torch.Tensor:
+    """The corrected fine maps ``x_j + N_j(P_j(.))``, written into ``x`` (if the caller allows) or ``correction``."""
+    if may_overwrite_x and _writable(x, correction):
+        return x.add_(correction)  # x_0 is dead once corrected: reuse its memory
+    if _writable(correction, x):
+        return correction.add_(x)
+    return x + correction
 
 
 class MGICBlock(nn.Module):
@@ -112,21 +128,34 @@ class MGICBlock(nn.Module):
         y = self.levels[-1](xs[-1].clone() if self.coarsest_mutates_input else xs[-1])
         for j in range(len(self.restrict) - 1, -1, -1):
             restricted = xs.pop()  # x_{j+1} = R_j x_j, kept from the way down
-            residual = y.sub_(restricted) if _writable(y, restricted) else y - restricted
+            residual = _residual(y, restricted)
             del y, restricted  # the coarse maps are dead: release them before the finer level runs
             prolonged = self.prolong[j](residual)
             del residual  # before N_j runs: at most two full-width maps besides x_j
             correction = self.norms[j](prolonged)
             del prolonged
-            if j == 0 and overwrite_input and _writable(xs[0], correction):
-                y = xs[0].add_(correction)  # x_0 is dead once corrected: reuse its memory
-            elif _writable(correction, xs[-1]):
-                y = correction.add_(xs[-1])
-            else:
-                y = xs[-1] + correction
+            y = _corrected(xs[-1], correction, may_overwrite_x=j == 0 and overwrite_input)
             del correction
             y = self.levels[j](y)
         return y
 
     def extra_repr(self) -> str:
         return f"num_levels={self.num_levels}"
+
+
+def reference_forward(block: MGICBlock, x: torch.Tensor) -> torch.Tensor:
+    """Algorithm 1 of the paper, as written: the definition :meth:`MGICBlock.forward` must compute.
+
+    Out of place and keeping every map; only for tests and benchmarks.
+    """
+    if block.connector is not None:
+        x = block.connector(x)
+    xs = [x]
+    for restrict in block.restrict:  # down: x_{j+1} = R_j x_j
+        xs.append(restrict(xs[-1]))
+    # the coarsest, ungrouped block (on a copy if it writes into its input: R x is needed again below)
+    y = block.levels[-1](xs[-1].clone() if block.coarsest_mutates_input else xs[-1])
+    for j in reversed(range(len(block.restrict))):  # up: x_j + N_j(P_j(x_{j+1} - R_j x_j)), then block_j
+        y = xs[j] + block.norms[j](block.prolong[j](y - xs[j + 1]))
+        y = block.levels[j](y)
+    return y

@@ -35,7 +35,8 @@ import networkx as nx
 import torch.fx
 from torch import nn
 
-from .channels import NORM_TYPES, is_channel_mixing
+from ..layers import may_follow_as_tail
+from .channels import is_channel_mixing
 from .shapes import shape_of
 
 __all__ = ["Region", "find_blocks"]
@@ -50,7 +51,6 @@ class Region:
     entry: torch.fx.Node
     nodes: list[torch.fx.Node]
     kind: str
-    enclosed: int = 0  # number of inner units it encloses (when chosen over them)
     # What to try instead if this (transition) unit cannot be rewritten: the blocks inside it
     inner: list["Region"] = field(default_factory=list)
 
@@ -166,7 +166,6 @@ def _is_full_merge(exit: torch.fx.Node, inside: set, entry: torch.fx.Node) -> bo
 
 
 _CAT_OPS = (torch.cat, torch.concat, torch.concatenate)
-_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _region_between(g: nx.DiGraph, entry, exit, order: dict) -> list[torch.fx.Node]:
@@ -208,18 +207,9 @@ def _extend_tail(nodes: list[torch.fx.Node], g: nx.DiGraph, output: torch.fx.Nod
             return
         if shape_of(nxt) != shape_of(cur):
             return
-        if nxt.op == "call_module" and not _is_norm_or_activation(modules[nxt.target]):
+        if nxt.op == "call_module" and not may_follow_as_tail(modules[nxt.target]):
             return
         nodes.append(nxt)
-
-
-def _is_norm_or_activation(module: nn.Module) -> bool:
-    """Layers a tail may take: norms, and modules without weights that are not conv/linear."""
-    if isinstance(module, _LAYER_TYPES):
-        return False
-    if isinstance(module, NORM_TYPES + (nn.LayerNorm, nn.PReLU)):
-        return True
-    return not any(True for _ in module.parameters()) and not any(True for _ in module.buffers())
 
 
 def _fork_join_units(g, output, order, modules, transitions) -> list[Region]:
@@ -287,7 +277,6 @@ def _outermost_units(units: list[Region], transitions: bool) -> list[Region]:
             elif len(kids) >= 2:
                 stack.extend(kids)
             else:
-                units[i].enclosed = len(kids)
                 if units[i].kind == "transition" and kids:
                     units[i].inner = choose(kids)
                 chosen.append(units[i])

@@ -1,12 +1,13 @@
-"""Which tensor dimension holds the channels, and which layers mix them.
+"""Which tensor dimension holds a block's channels.
 
-A small table of per-layer rules (in the spirit of fvcore's per-op handlers):
-each known layer type says along which dimension of its input it reads channels
-and whether it couples channels with each other. The block finder uses
-:func:`is_channel_mixing` to decide whether a region is worth rewriting and
-:func:`block_channel_dim` to tell NCHW blocks from channels-last ones.
-Unknown layers are never guessed: they get ``None`` and a block that needs
-them is reported as unsupported.
+Each layer type says along which dimension of its input it reads channels and
+whether it couples channels with each other: the ``channel_dim`` and
+``mixes_channels`` columns of the layer-rules table (:mod:`mgic_transform.layers`,
+re-exported here as :func:`layer_channel_dim` and :func:`is_channel_mixing`).
+The block finder uses :func:`is_channel_mixing` to decide whether a region is
+worth rewriting and :func:`block_channel_dim` to tell NCHW blocks from
+channels-last ones. Unknown layers are never guessed: they get ``None`` and a
+block that needs them is reported as unsupported.
 """
 
 from __future__ import annotations
@@ -16,43 +17,10 @@ from typing import Optional, Sequence
 import torch.fx
 from torch import nn
 
+from ..layers import is_channel_mixing, layer_channel_dim
 from .shapes import shape_of
 
-__all__ = ["layer_channel_dim", "is_channel_mixing", "block_channel_dim", "CONV_TYPES", "NORM_TYPES"]
-
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
-
-
-def layer_channel_dim(module: nn.Module, input_shape: Optional[Sequence[int]] = None) -> Optional[int]:
-    """The input dimension a layer treats as channels: 1 (NC...), -1 (channels-last), or ``None``.
-
-    A LayerNorm over one dimension normalises the last one, unless its input
-    shows otherwise (a ``LayerNorm2d`` subclass normalising dim 1 of NCHW).
-    """
-    if isinstance(module, CONV_TYPES) or isinstance(module, NORM_TYPES):
-        return 1
-    if isinstance(module, nn.PReLU):
-        return 1 if module.num_parameters > 1 else None
-    if isinstance(module, nn.Linear):
-        return -1
-    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
-        c = module.normalized_shape[0]
-        if input_shape is not None and len(input_shape) > 2 and input_shape[-1] != c and input_shape[1] == c:
-            return 1
-        return -1
-    return None
-
-
-def is_channel_mixing(module: nn.Module) -> bool:
-    """True for layers that couple different channels (dense or grouped conv, linear).
-
-    Depthwise convolutions filter each channel on its own and do not count.
-    """
-    if isinstance(module, CONV_TYPES):
-        return module.groups < module.in_channels
-    return isinstance(module, nn.Linear)
-
+__all__ = ["layer_channel_dim", "is_channel_mixing", "block_channel_dim"]
 
 def block_channel_dim(
     entry: torch.fx.Node, interior: list[torch.fx.Node], modules: dict[str, nn.Module]

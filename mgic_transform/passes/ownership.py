@@ -31,22 +31,13 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers import allocates, returns_input_in_place
 from ..nn.mgic_block import MGICBlock
 from ..tracing import writes_in_place
 
 __all__ = ["mark_overwritable_inputs", "is_fresh"]
 
-# Layers whose forward returns a tensor it allocated (never its input or a view of it).
-_ALLOCATING_MODULES = (
-    nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
-    nn.GroupNorm, nn.LayerNorm, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd, MGICBlock,
-)
-# Activations: allocating unless ``inplace=True`` (then the output *is* the input).
-_ACTIVATION_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid,
-    nn.Hardtanh, nn.Mish, nn.GELU, nn.Sigmoid, nn.Tanh,
-)
+# Layers: the ``allocates`` / ``returns_input_in_place`` columns of the layer-rules table.
 _ALLOCATING_FUNCTIONS = {
     operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div,
     torch.cat, torch.concat, torch.relu, torch.sigmoid, torch.tanh,
@@ -59,12 +50,11 @@ def _writes_into_first_argument(node: torch.fx.Node, modules: dict[str, nn.Modul
     """``True``: the op returns its first argument, written in place; ``False``: it allocates; ``None``: unknown."""
     if writes_in_place(node, modules):
         # only ops known to *return* the tensor they wrote (an in-place layer of another kind may not)
-        if node.op != "call_module" or isinstance(modules.get(str(node.target)), _ACTIVATION_MODULES):
+        if node.op != "call_module" or returns_input_in_place(modules.get(str(node.target))):
             return True
         return None
     if node.op == "call_module":
-        m = modules.get(str(node.target))
-        return False if isinstance(m, _ACTIVATION_MODULES + _ALLOCATING_MODULES) else None
+        return False if allocates(modules.get(str(node.target))) else None
     if node.op == "call_function":
         return False if node.target in _ALLOCATING_FUNCTIONS else None
     if node.op == "call_method":

@@ -22,12 +22,12 @@ from .._modcopy import fetch_attr
 from ..hierarchy import Hierarchy, analytic_params, hierarchy
 from ..nn.mgic_block import MGICBlock
 from ..nn.transfer import BN_BY_DIMS, CONV_BY_DIMS, GroupedLinear, make_residual_norm, make_transfer
-from ..nn.variants import LevelSpec, VariantError, VariantFactory, common_prefix, extract_block
 from ..plan import REWRITTEN, SKIPPED, BlockDecision, Decline
 from .blocks import Region
 from .channels import block_channel_dim, is_channel_mixing, layer_channel_dim
 from .shapes import shape_of
 from .transition import drop_projection_shortcut, is_head
+from .variants import LevelSpec, VariantError, VariantFactory, common_prefix, extract_block
 
 __all__ = ["RewriteOptions", "rewrite_blocks"]
 
@@ -89,8 +89,8 @@ def _weight_readers(gm: torch.fx.GraphModule) -> dict[int, list[tuple[torch.fx.N
     return readers
 
 
-def _shared_weights(gm: torch.fx.GraphModule, region: Region,
-                    readers: dict[int, list[tuple[torch.fx.Node, str]]]) -> Optional[str]:
+def _shared_weights(gm: torch.fx.GraphModule, region: Region, readers: dict[int, list[tuple[torch.fx.Node, str]]],
+                    erased: set[torch.fx.Node]) -> Optional[str]:
     """A weight the block shares with code outside it (a layer called twice, tied weights, a shared scale)."""
     inside = set(region.nodes)
     mine: dict[int, str] = {}
@@ -101,7 +101,7 @@ def _shared_weights(gm: torch.fx.GraphModule, region: Region,
                 mine.update(_node_tensors(gm, a))
     for key, name in mine.items():
         for node, other in readers.get(key, ()):
-            if getattr(node, "_erased", False):  # went with a block rewritten earlier
+            if node in erased:  # went with a block rewritten earlier
                 continue
             used_inside = node in inside or (node.op == "get_attr" and node.users and all(u in inside for u in node.users))
             if not used_inside:
@@ -181,7 +181,7 @@ def _layer_widths(gm: torch.fx.GraphModule, region: Region, cd: int) -> _LayerWi
 
 
 def _decide(gm: torch.fx.GraphModule, region: Region, opts: RewriteOptions, *, path: str,
-            layers: tuple[str, ...], cd: int, widths: _LayerWidths, readers: dict) -> Hierarchy:
+            layers: tuple[str, ...], cd: int, widths: _LayerWidths, readers: dict, erased: set) -> Hierarchy:
     """The block's hierarchy under the user's options, or :class:`_Decline` with the reason."""
     entry_shape, exit_shape = shape_of(region.entry), shape_of(region.exit)
     c_in, c_out = entry_shape[cd], exit_shape[cd]
@@ -207,7 +207,7 @@ def _decide(gm: torch.fx.GraphModule, region: Region, opts: RewriteOptions, *, p
         else:
             why = f"width {c_out} is not wider than coarsest_width={opts.coarsest_width}"
         raise _Decline(Decline.TOO_NARROW, why)
-    shared = _shared_weights(gm, region, readers)
+    shared = _shared_weights(gm, region, readers, erased)
     if shared:
         raise _Decline(Decline.SHARED_WEIGHTS, shared)
     return hier
@@ -278,14 +278,14 @@ def _by_prefix(gm: torch.fx.GraphModule) -> dict[str, list[torch.fx.Node]]:
 
 
 def _target_for(gm: torch.fx.GraphModule, path: str, region: Region, taken: set[str],
-                by_prefix: dict[str, list[torch.fx.Node]]) -> str:
+                by_prefix: dict[str, list[torch.fx.Node]], erased: set[torch.fx.Node]) -> str:
     """The block's own module path when it owns that module outright, else a fresh attribute name."""
     inside = set(region.nodes)
     if path and ".." not in path and path not in taken and path in by_prefix:
         owned = all(
             n in inside if n.op == "call_module" else all(u in inside for u in n.users)
             for n in by_prefix[path]
-            if not getattr(n, "_erased", False)
+            if n not in erased
         )
         if owned:
             return path
@@ -313,6 +313,7 @@ def rewrite_blocks(gm: torch.fx.GraphModule, regions: Sequence[Region], options:
     channel_dims = {id(r): block_channel_dim(r.entry, r.nodes, modules) for r in every}
     readers = _weight_readers(gm)
     by_prefix = _by_prefix(gm)
+    erased: set[torch.fx.Node] = set()  # nodes the splices removed: stale entries of readers and by_prefix
     pending = list(reversed(regions))  # a stack: a declined unit pushes the blocks inside it
     while pending:
         region = pending.pop()
@@ -331,7 +332,7 @@ def rewrite_blocks(gm: torch.fx.GraphModule, regions: Sequence[Region], options:
         try:
             layer_widths = _layer_widths(gm, region, cd)
             hier = _decide(gm, region, options, path=path, layers=layers, cd=cd, widths=layer_widths,
-                           readers=readers)
+                           readers=readers, erased=erased)
             mgic = _build(gm, region, hier, cd=cd, widths=layer_widths, factory=factory)
             mgic.train(gm.get_submodule(layers[0]).training if layers else gm.training)
             info = _account(mgic, hier, before=_unique_params(gm, region), c_in=entry_shape[cd],
@@ -345,9 +346,9 @@ def rewrite_blocks(gm: torch.fx.GraphModule, regions: Sequence[Region], options:
             decisions.append(BlockDecision(status=SKIPPED, reason=reason, params_before=params_before[id(region)],
                                            decline=why.kind, skip_pattern=why.pattern, **widths, **common))
             continue
-        target = _target_for(gm, path, region, taken, by_prefix)
+        target = _target_for(gm, path, region, taken, by_prefix, erased)
         taken.add(target)
-        replaced[region.exit] = _splice(gm, region, target, mgic)
+        replaced[region.exit] = _splice(gm, region, target, mgic, erased)
         decisions.append(BlockDecision(status=REWRITTEN, reason=None, module=target, **widths, **info, **common))
     return decisions
 
@@ -358,23 +359,26 @@ def _with_inner(regions: Sequence[Region]) -> Iterator[Region]:
         yield from _with_inner(r.inner)
 
 
-def _splice(gm: torch.fx.GraphModule, region: Region, target: str, mgic: MGICBlock) -> torch.fx.Node:
+def _splice(gm: torch.fx.GraphModule, region: Region, target: str, mgic: MGICBlock,
+            erased: set[torch.fx.Node]) -> torch.fx.Node:
+    """Replace ``region`` by a call of ``mgic`` stored at ``target``; add every node it erases to ``erased``."""
     gm.add_submodule(target, mgic)
     with gm.graph.inserting_before(region.exit):
         node = gm.graph.call_module(target, (region.entry,))
-    node.meta["shape"] = shape_of(region.exit)
-    node.meta["dtype"] = region.exit.meta.get("dtype")
+    node.meta["tensor_meta"] = region.exit.meta.get("tensor_meta")
     region.exit.replace_all_uses_with(node)
     inside = set(region.nodes)
     consts = list(dict.fromkeys(a for n in region.nodes for a in n.all_input_nodes
                                 if a not in inside and a is not region.entry))
     for n in reversed(region.nodes):
         gm.graph.erase_node(n)
+    erased.update(region.nodes)
     # Constants (get_attr ...) only the block used go with it.
     while consts:
         c = consts.pop()
-        if not getattr(c, "_erased", False) and not c.users and c.op in ("get_attr", "call_function", "call_method") \
+        if c not in erased and not c.users and c.op in ("get_attr", "call_function", "call_method") \
                 and not c.is_impure():
             consts.extend(c.all_input_nodes)
             gm.graph.erase_node(c)
+            erased.add(c)
     return node

@@ -1,7 +1,9 @@
 """Shape propagation without real compute: every node learns its output shape.
 
-Results go to ``node.meta["shape"]`` (a ``torch.Size``, or ``None`` for values that
-are not tensors, such as the tuple a ``chunk`` returns) and ``node.meta["dtype"]``.
+Results go to ``node.meta["tensor_meta"]``, fx's own key, in the form
+:class:`torch.fx.passes.shape_prop.ShapeProp` writes (a ``TensorMetadata``, or a
+tuple of them for the tuple a ``chunk`` returns), so other fx passes can reuse
+them; :func:`shape_of` reads the shape of a tensor-valued node.
 
 The graph runs on a *meta-device shadow* of the module (:func:`meta_copy`: same
 structure, parameters replaced by storage-less meta tensors, built without
@@ -19,11 +21,12 @@ import torch
 import torch.fx
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.shape_prop import TensorMetadata
 
 from .._modcopy import copy_structure
-from ..errors import InputError
+from ..errors import InputError, first_line
 
-__all__ = ["propagate_shapes", "run_fake", "run_meta", "meta_copy", "shape_of"]
+__all__ = ["propagate_shapes", "run_fake", "run_meta", "meta_copy", "shape_of", "tensor_meta"]
 
 
 def meta_copy(module: nn.Module) -> nn.Module:
@@ -100,8 +103,19 @@ class _FakeShapeProp(torch.fx.Interpreter):
 
     def _record(self, n: torch.fx.Node, result: Any) -> Any:
         target = self.annotate.get(n, n)
-        target.meta["shape"] = result.shape if isinstance(result, torch.Tensor) else None
-        target.meta["dtype"] = result.dtype if isinstance(result, torch.Tensor) else None
+        tensors = []
+
+        def extract(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                tensors.append(value)
+                return tensor_meta(value)
+            return value
+
+        meta = torch.fx.node.map_aggregate(result, extract)
+        if tensors:  # ShapeProp's rule: only values that hold a tensor get the key
+            target.meta["tensor_meta"] = meta
+        else:
+            target.meta.pop("tensor_meta", None)
         return result
 
 
@@ -126,7 +140,7 @@ def run_fake(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> Any:
 
 
 def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None:
-    """Annotate every node of ``gm`` with ``meta["shape"]``; raise :class:`InputError` on mismatch."""
+    """Annotate every node of ``gm`` with ``meta["tensor_meta"]``; raise :class:`InputError` on mismatch."""
     try:
         run_meta(gm, example_inputs)
     except _NodeFailure as failure:
@@ -135,14 +149,20 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) ->
         params = {str(p.dtype).replace("torch.", "") for p in gm.parameters()}
         raise InputError(
             f"the model rejects example inputs {shapes}: node {failure.node.name!r} "
-            f"({failure.node.op} {failure.node.target}) failed with: {str(failure.exc).splitlines()[0]}. "
+            f"({failure.node.op} {failure.node.target}) failed with: {first_line(failure.exc)}. "
             f"Hint: pass example_inputs with the shape and dtype the model expects (its parameters are "
             f"{'/'.join(sorted(params)) or 'absent'}; CLI: --input-shape)."
         ) from failure.exc
 
 
+def tensor_meta(t: torch.Tensor) -> TensorMetadata:
+    """fx's ``TensorMetadata`` of ``t``, as :class:`~torch.fx.passes.shape_prop.ShapeProp` records it."""
+    formats = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
+    memory_format = next((f for f in formats if t.is_contiguous(memory_format=f)), None)
+    return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), memory_format, t.is_quantized, {})
+
+
 def shape_of(node: Any) -> torch.Size | None:
-    """The propagated shape of an fx node (``None`` if not a tensor or not a node)."""
-    if isinstance(node, torch.fx.Node):
-        return node.meta.get("shape")
-    return None
+    """The propagated shape of an fx node (``None`` if not a tensor-valued node)."""
+    meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
+    return meta.shape if isinstance(meta, TensorMetadata) else None

@@ -32,21 +32,13 @@ from typing import Optional
 
 import torch
 import torch.fx
-from torch import nn
 
-from .channels import CONV_TYPES, NORM_TYPES
+from ..layers import is_channel_norm, is_pooling, is_projection
 
 __all__ = ["drop_projection_shortcut", "is_head"]
 
 _ADDS = {operator.add, operator.iadd, torch.add}
-_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 _WEIGHTLESS_PASS_THROUGH = {"flatten", "view", "reshape", "squeeze", "contiguous", "float", "to"}
-
-
-def _is_pointwise_mixing(m: nn.Module) -> bool:
-    if isinstance(m, CONV_TYPES):
-        return all(k == 1 for k in m.kernel_size) and m.groups == 1
-    return isinstance(m, nn.Linear)
 
 
 def _is_add(n: torch.fx.Node) -> bool:
@@ -61,11 +53,11 @@ def _projection_branch(block: torch.fx.GraphModule, join: torch.fx.Node, arg: to
         if node.op != "call_module" or len(node.users) != 1 or len(node.all_input_nodes) != 1:
             return None
         mod = block.get_submodule(str(node.target))
-        if not (_is_pointwise_mixing(mod) or isinstance(mod, NORM_TYPES) or isinstance(mod, _POOLS)):
+        if not (is_projection(mod) or is_channel_norm(mod) or is_pooling(mod)):
             return None
         chain.append(node)
         node = node.all_input_nodes[0]
-    mixing = [n for n in chain if _is_pointwise_mixing(block.get_submodule(str(n.target)))]
+    mixing = [n for n in chain if is_projection(block.get_submodule(str(n.target)))]
     return chain if len(mixing) == 1 else None
 
 

@@ -3,29 +3,20 @@
 The MGIC block needs the original CNN block at every level of the hierarchy:
 ungrouped at the coarsest width, grouped (``G_j`` groups) at the finer ones.
 The block is never hand-written: :func:`extract_block` copies its subgraph out
-of the traced model into a standalone ``GraphModule``, and :func:`build_variant`
-replays that graph on fake tensors of the new width, creating a fresh layer
-for every ``call_module`` from the width of the tensor that actually reaches
-it. Views, chunks, concatenations and channel shuffles therefore follow
-automatically (they read sizes from the tensor); only the layers need rules:
-
-======================  ==============================================================
-layer                   new instance (input width ``i'`` read off the incoming tensor)
-======================  ==============================================================
-Conv1d/2d/3d            out ``w(out)``; groups ``gcd(G, i', out')``; depthwise stays
-                        depthwise (groups ``i'``, same channel multiplier); an already
-                        grouped conv keeps its channels-per-group as far as it divides;
-                        a grouped 1x1 ``nn.Conv2d`` becomes a :class:`PointwiseConv2d`
-                        (same layer and weights, faster forward)
-Linear                  out ``w(out)``; a :class:`GroupedLinear` with ``gcd(G, i', out')`` groups
-BatchNorm/InstanceNorm  ``i'`` features
-GroupNorm               ``i'`` channels, group count scaled with the width
-LayerNorm (last dim)    ``i'`` features
-PReLU (per channel)     ``i'`` parameters
-parameter-free modules  reused as they are (activations, pooling, dropout ...)
-get_attr tensors        every dimension whose size is a block width is resized by
-                        cycling the original values (layer-scale, per-channel biases)
-======================  ==============================================================
+of the traced model into a standalone ``GraphModule``, and
+:meth:`VariantFactory.build` replays that graph on meta tensors of the new
+width, creating a fresh layer for every ``call_module`` from the width of the
+tensor that actually reaches it. Views, chunks, concatenations and channel
+shuffles therefore follow automatically (they read sizes from the tensor); only
+the layers need rules, the ``resize`` column of the layer-rules table
+(:mod:`mgic_transform.layers`). A conv or linear layer writes ``w(out)``
+channels with ``gcd(G, in, w(out))`` groups (a depthwise conv stays depthwise, a
+grouped 1x1 conv becomes a :class:`~mgic_transform.nn.transfer.PointwiseConv2d`,
+a grouped linear layer a :class:`~mgic_transform.nn.transfer.GroupedLinear`);
+norms and PReLU take the width that reaches them; weightless modules
+(activations, pooling, dropout ...) are reused as they are. Tensors read by ``get_attr``
+(layer-scale, per-channel biases) are resized along every dimension whose size
+is a block width, by cycling the original values.
 
 ``w`` maps an original width to the level's width: the block's own width goes to
 ``c_j``; a width already seen on a tensor reaching a layer maps to what reached it
@@ -41,25 +32,20 @@ a variant that maps its input shape to itself is allocated and initialised.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.fx
-import torch.nn.utils.parametrize
 from torch import nn
 
 from .._modcopy import copy_structure, fetch_attr
-from ..passes.channels import CONV_TYPES, layer_channel_dim
-from .transfer import GroupedLinear, pointwise_like
+from ..errors import first_line
+from ..layers import VariantError, has_weights, instantiate, is_channel_norm, layer_channel_dim, reinstantiate
+from .shapes import shape_of
 
-__all__ = ["LevelSpec", "VariantError", "VariantFactory", "extract_block", "build_variant", "common_prefix"]
-
-
-class VariantError(Exception):
-    """The block cannot be re-instantiated at the requested width; the message is the reason."""
+__all__ = ["LevelSpec", "VariantError", "VariantFactory", "extract_block", "common_prefix"]
 
 
 @dataclass(frozen=True)
@@ -137,133 +123,6 @@ def extract_block(
     return torch.fx.GraphModule(root, graph, "Block")
 
 
-# ----------------------------------------------------------------------------- layer rules
-
-
-def _fresh_like(mod: nn.Module, shapes: dict[str, tuple[int, ...]], **attrs: Any) -> nn.Module:
-    """A copy of ``mod`` with new attributes and *meta-device* parameters/buffers of new shapes.
-
-    Nothing is initialised here: :func:`_instantiate` allocates and calls
-    ``reset_parameters`` once the variant has been validated. The original
-    parameters are never copied (they are about to be replaced).
-    """
-    new = copy_structure(mod, lambda t: _trainable(torch.empty(shapes.get(_name_of(mod, t), tuple(t.shape)),
-                                                               dtype=t.dtype, device="meta"), t), hooks=False)
-    for k, v in attrs.items():
-        setattr(new, k, v)
-    return new
-
-
-def _trainable(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """New weights are trainable even where the old ones were frozen (they start from random)."""
-    return nn.Parameter(new, requires_grad=True) if isinstance(old, nn.Parameter) else new
-
-
-def _name_of(mod: nn.Module, t: torch.Tensor) -> str:
-    for registry in (mod._parameters, mod._buffers):
-        for k, v in registry.items():
-            if v is t:
-                return k
-    return ""
-
-
-def _instantiate(template: nn.Module, device: torch.device) -> nn.Module:
-    """A new layer from a meta-device template: allocated on ``device``, initialised by ``reset_parameters``."""
-    module = copy_structure(template, lambda t: _trainable(torch.empty(t.shape, dtype=t.dtype, device=device), t))
-    for m in module.modules():
-        if hasattr(m, "reset_parameters") and (m._parameters or m._buffers):
-            m.reset_parameters()
-    return module
-
-
-def _nearest_divisor(n: int, target: float) -> int:
-    divisors = [d for d in range(1, n + 1) if n % d == 0]
-    return min(divisors, key=lambda d: (abs(d - target), -d))
-
-
-def _conv(mod: nn.Conv2d, in_w: int, spec: LevelSpec, width_of: Callable[[int], int]) -> nn.Module:
-    k = tuple(mod.kernel_size)
-    if mod.groups == mod.in_channels > 1:  # depthwise (possibly with a channel multiplier)
-        groups = in_w
-        out_w = in_w * (mod.out_channels // mod.in_channels)
-    else:
-        out_w = width_of(mod.out_channels)
-        common = math.gcd(in_w, out_w)
-        if mod.groups > 1:  # keep channels-per-group as far as it divides (ResNeXt cardinality)
-            per_group = mod.in_channels // mod.groups
-            groups = _nearest_divisor(common, max(spec.groups, in_w / per_group))
-        else:
-            groups = math.gcd(spec.groups, common)
-    attrs: dict[str, Any] = {"in_channels": in_w, "out_channels": out_w, "groups": groups}
-    if spec.unstride:
-        attrs["stride"] = (1,) * len(k)
-    shapes = {"weight": (out_w, in_w // groups, *k), "bias": (out_w,)}
-    new = _fresh_like(mod, shapes, **attrs)
-    fast = pointwise_like(new)  # a grouped 1x1 conv: same layer, matmul forward
-    if fast is None:
-        return new
-    return fast(in_w, out_w, groups, bias=mod.bias is not None, device="meta", dtype=mod.weight.dtype).train(new.training)
-
-
-def _linear(mod: nn.Linear, in_w: int, spec: LevelSpec, width_of: Callable[[int], int]) -> nn.Module:
-    out_w = width_of(mod.out_features)
-    groups = math.gcd(spec.groups, math.gcd(in_w, out_w))
-    if groups == 1:
-        return _fresh_like(mod, {"weight": (out_w, in_w), "bias": (out_w,)}, in_features=in_w, out_features=out_w)
-    return GroupedLinear(in_w, out_w, groups, bias=mod.bias is not None, device="meta", dtype=mod.weight.dtype)
-
-
-def _norm(mod: nn.Module, in_w: int, spec: LevelSpec, width_of: Callable[[int], int]) -> nn.Module:
-    if isinstance(mod, nn.GroupNorm):
-        groups = _nearest_divisor(in_w, mod.num_groups * in_w / mod.num_channels)
-        return _fresh_like(mod, {"weight": (in_w,), "bias": (in_w,)}, num_channels=in_w, num_groups=groups)
-    if isinstance(mod, nn.LayerNorm):
-        return _fresh_like(mod, {"weight": (in_w,), "bias": (in_w,)}, normalized_shape=(in_w,))
-    shapes = {n: (in_w,) for n in ("weight", "bias", "running_mean", "running_var")}
-    return _fresh_like(mod, shapes, num_features=in_w)
-
-
-def _prelu(mod: nn.PReLU, in_w: int, spec: LevelSpec, width_of: Callable[[int], int]) -> nn.Module:
-    if mod.num_parameters == 1:
-        return _fresh_like(mod, {})
-    return _fresh_like(mod, {"weight": (in_w,)}, num_parameters=in_w)
-
-
-_SHAPE_PRESERVING_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm)
-_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
-
-# The rule table: first matching type wins.
-_RULES: tuple[tuple[type, Callable[[Any, int, LevelSpec, Callable[[int], int]], nn.Module]], ...] = (
-    (CONV_TYPES, _conv),
-    (nn.Linear, _linear),
-    ((nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm), _norm),
-    (nn.PReLU, _prelu),
-)
-
-
-def reinstantiate(mod: nn.Module, in_w: int, spec: LevelSpec,
-                  width_of: Optional[Callable[[int], int]] = None) -> nn.Module:
-    """A fresh layer like ``mod`` reading ``in_w`` channels, at the level described by ``spec``.
-
-    ``width_of`` maps an original output width to the new one (default: ``spec.map_width``).
-    """
-    if torch.nn.utils.parametrize.is_parametrized(mod) or hasattr(mod, "weight_g"):
-        raise VariantError(f"layer {type(mod).__name__} is parametrized (weight_norm / spectral_norm ...); "
-                           f"re-instantiating parametrizations is not supported yet")
-    for types, rule in _RULES:
-        if isinstance(mod, types):
-            return rule(mod, in_w, spec, width_of or spec.map_width)
-    if spec.unstride and isinstance(mod, _POOLS) and _as_tuple(mod.stride) != (1,) * len(_as_tuple(mod.stride)):
-        return nn.Identity()  # the connector does the spatial downsampling of a transition
-    if any(True for _ in mod.parameters()) or any(True for _ in mod.buffers()):
-        raise VariantError(f"unsupported layer {type(mod).__name__} (has weights, no resize rule)")
-    return copy_structure(mod, hooks=False)
-
-
-def _as_tuple(v: Any) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,)
-
-
 def _resize_tensor(t: torch.Tensor, spec: LevelSpec, widths: frozenset[int]) -> torch.Tensor:
     out = t.detach()
     for dim, size in enumerate(t.shape):
@@ -305,14 +164,14 @@ class _Reinstantiate(torch.fx.Interpreter):
         mod = self.fetch_attr(target)
         x = args[0]
         src = self.node.args[0] if self.node is not None and self.node.args else None
-        orig = src.meta.get("shape") if isinstance(src, torch.fx.Node) else None  # at the original width
+        orig = shape_of(src)  # at the original width
         dim = layer_channel_dim(mod, orig)
         in_w = x.shape[dim] if dim is not None and isinstance(x, torch.Tensor) and x.dim() > 1 else 0
         if in_w and orig is not None and len(orig) == x.dim():
             self.observed.setdefault(orig[dim], in_w)
         new = reinstantiate(mod, in_w, self.spec, self.width_of)
         self.new_attrs[target] = new
-        if isinstance(new, _SHAPE_PRESERVING_NORMS) and isinstance(x, torch.Tensor) and not kwargs and len(args) == 1:
+        if is_channel_norm(new) and isinstance(x, torch.Tensor) and not kwargs and len(args) == 1:
             # a norm maps its input shape to itself; running it on meta tensors costs a python
             # decomposition per call (most of a ResNet-50 transform's time), so only the shape is made
             return torch.empty_like(x)
@@ -380,23 +239,18 @@ def _replay(block: torch.fx.GraphModule, spec: LevelSpec, shape: list[int], widt
     try:
         out = interp.run(x)
     except VariantError as exc:  # fx appends "While executing ..." notes: keep the reason to one line
-        raise VariantError(str(exc).split("\n")[0]) from exc
+        raise VariantError(first_line(exc)) from exc
     except Exception as exc:  # an op rejected the new width
         node = interp.node
         where = f"at {node.op} {node.target}" if node is not None else ""
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise VariantError(f"cannot re-instantiate at width {spec.width} {where}: {msg}") from exc
+        raise VariantError(f"cannot re-instantiate at width {spec.width} {where}: {first_line(exc)}") from exc
     if not isinstance(out, torch.Tensor) or list(out.shape) != shape:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise VariantError(f"at width {spec.width} the block maps {tuple(shape)} to {got}, not to itself")
     modules = {k: v for k, v in interp.new_attrs.items()
-               if isinstance(v, nn.Module) and (_has_state(v) or type(v) is not type(block.get_submodule(k)))}
+               if isinstance(v, nn.Module) and (has_weights(v) or type(v) is not type(block.get_submodule(k)))}
     tensors = tuple(k for k, v in interp.new_attrs.items() if not isinstance(v, nn.Module))
     return _Recipe(modules, tensors, interp.sizes, mutates_input=x._version > 0)
-
-
-def _has_state(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
 
 
 _FLOAT = re.compile(r"\d+\.\d*(?:e[-+]?\d+)?|\d+e[-+]?\d+")
@@ -413,7 +267,7 @@ def _signature(block: torch.fx.GraphModule) -> tuple:
     for n in block.graph.nodes:
         if n.op == "call_module":
             m = block.get_submodule(n.target)
-            layers.append((n.target, repr(m) if _has_state(m) else _FLOAT.sub("#", repr(m)), m.training))
+            layers.append((n.target, repr(m) if has_weights(m) else _FLOAT.sub("#", repr(m)), m.training))
     consts = []
     for n in block.graph.nodes:
         if n.op == "get_attr":
@@ -470,7 +324,7 @@ class VariantFactory:
             n.target: copy_structure(block.get_submodule(n.target), hooks=False)
             for n in block.graph.nodes if n.op == "call_module"
         }  # weightless modules of this very block (its own dropout rates ...)
-        attrs.update({k: _instantiate(m, torch.device(device)) for k, m in recipe.modules.items()})
+        attrs.update({k: instantiate(m, torch.device(device)) for k, m in recipe.modules.items()})
         for target in recipe.tensors:  # and other constants: a module's `training` flag read by F.dropout
             value = fetch_attr(block, target)
             attrs[target] = _resize_tensor(value, spec, widths) if isinstance(value, torch.Tensor) else value
@@ -492,10 +346,3 @@ def _replace_ints(value: Any, mapping: dict[int, int]) -> Any:
     if isinstance(value, dict):
         return {k: _replace_ints(v, mapping) for k, v in value.items()}
     return type(value)(_replace_ints(v, mapping) for v in value)
-
-
-def build_variant(block: torch.fx.GraphModule, spec: LevelSpec, input_shape: torch.Size, channel_dim: int,
-                  widths: frozenset[int], dtype: torch.dtype = torch.float32,
-                  device: torch.device | str = "cpu") -> torch.fx.GraphModule:
-    """One variant, without caching (see :meth:`VariantFactory.build`)."""
-    return VariantFactory().build(block, spec, input_shape, channel_dim, widths, dtype, device)
