@@ -16,6 +16,7 @@ from .inputs import as_input_tuple, infer_example_inputs
 from .layers import example_input_shape
 from .nn.mgic_block import MGICBlock
 from .passes.blocks import find_blocks
+from .passes.inherit import inherit_weights
 from .passes.ownership import mark_overwritable_inputs
 from .budget import search_budget
 from .hierarchy import RULES
@@ -161,6 +162,7 @@ def mgicify(
     target_flops: Optional[float] = None,
     leaf_modules: Iterable[LeafSpec] = (),
     concrete_args: Optional[dict[str, Any]] = None,
+    init: str = "scratch",
 ) -> torch.fx.GraphModule:
     """Rewrite the equal-width blocks of ``model`` into multigrid-in-channels blocks.
 
@@ -195,6 +197,12 @@ def mgicify(
         leaf_modules: module classes or path patterns that ``torch.fx`` should not
             trace into (the escape hatch for data-dependent control flow).
         concrete_args: passed to ``torch.fx.Tracer.trace`` to fix Python-level arguments.
+        init: ``"scratch"`` (default): every level of an MGIC block starts from fresh
+            weights. ``"inherit"`` (experimental): the levels are built from the
+            trained block's weights by Galerkin products ``R W P`` (block-diagonal
+            parts at the grouped levels; see :mod:`mgic_transform.passes.inherit`),
+            for compressing a trained model; ``BlockDecision.init`` records per
+            layer whether it inherited or fell back to scratch, and why.
 
     Returns:
         A trainable ``torch.fx.GraphModule``. ``gm.meta["mgic"]`` is an
@@ -210,12 +218,15 @@ def mgicify(
                 else "pass the model object (an nn.Module instance)")
         raise InputError(f"mgicify expects an nn.Module, got {type(model).__name__}. Hint: {hint}.")
     _check_plain_module(model)
+    if init not in ("scratch", "inherit"):
+        raise ConfigError(f"init must be 'scratch' or 'inherit', got {init!r}. Hint: init='inherit' builds the MGIC "
+                          f"blocks from the trained weights of model.")
     target = _check_target(target_params, target_flops, group_size, coarsest_width)
     if target is not None:
         metric, ratio = target
         inputs = as_input_tuple(example_inputs) if example_inputs is not None else infer_example_inputs(model)
         options = dict(skip=skip, transitions=transitions, rule=rule, leaf_modules=tuple(leaf_modules),
-                       concrete_args=concrete_args)
+                       concrete_args=concrete_args, init=init)
         gm, chosen, measured = search_budget(
             model, inputs, metric=metric, target=ratio,
             transform=lambda s_g, s_c: mgicify(model, inputs, group_size=s_g, coarsest_width=s_c, **options))
@@ -247,6 +258,8 @@ def mgicify(
     options = RewriteOptions(rule=rule, group_size=group_size, coarsest_width=coarsest_width, skip=skip,
                              transitions=transitions)
     decisions = rewrite_blocks(gm, regions, options)
+    if init == "inherit":
+        decisions = inherit_weights(gm, model, decisions)
     eliminate_dead_code(gm)
     mark_overwritable_inputs(gm)
     gm.graph.lint()

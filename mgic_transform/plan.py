@@ -64,6 +64,9 @@ class BlockDecision:
             (``hierarchy.analytic_params``; ``None`` when not applicable).
         decline: the kind of reason a skipped block was left alone (``None`` when rewritten).
         skip_pattern: the user's ``skip=`` pattern that matched the block, if any.
+        init: with ``mgicify(..., init="inherit")``, how every layer and tensor of the block was
+            initialised (:class:`~mgic_transform.passes.inherit.LayerInit`: inherited, or scratch
+            and why); empty with the default ``init="scratch"``.
     """
 
     path: str
@@ -84,6 +87,7 @@ class BlockDecision:
     analytic_params: Optional[int] = None
     decline: Optional[Decline] = None
     skip_pattern: Optional[str] = None
+    init: tuple[Any, ...] = ()
 
     @property
     def rewritten(self) -> bool:
@@ -91,7 +95,7 @@ class BlockDecision:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("levels", "groups", "group_sizes", "nodes", "layers"):
+        for k in ("levels", "groups", "group_sizes", "nodes", "layers", "init"):
             d[k] = list(d[k])
         d["decline"] = self.decline.value if self.decline is not None else None
         return d
