@@ -22,7 +22,7 @@ What it measures (issue 12)
        - **A** MGIC from scratch (``init="scratch"``), trained;
        - **B** ``init="inherit"`` from the trained original, fine-tuned;
        - **C** B with knowledge distillation from the original (``0.5 CE + 0.5 T^2 KL``, ``T = 4``);
-       - **D** Torch-Pruning (``MagnitudePruner``, L2, uniform ratio found by bisection to the
+       - **D** Torch-Pruning 1.6 (``MagnitudePruner``, L2, uniform ratio found by bisection to the
          MGIC parameter count, the classifier kept) of the trained original, fine-tuned.
 
     Every run uses the same recipe (AdamW, one-cycle learning rate peaking at ``--lr``,

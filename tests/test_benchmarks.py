@@ -53,3 +53,15 @@ def test_grouped_pointwise_quick():
     out = run(["benchmarks/grouped_pointwise.py", "--quick", "--threads", "1"])
     table = rows(out, "256 -> 128") + rows(out, "128 -> 256")
     assert len(table) == 2 and all(len(r) == 11 and all(float(c) > 0 for c in r[1:]) for r in table)
+
+
+def test_compress_trained_quick_runs_every_arm():
+    out = run(["benchmarks/compress_trained.py", "--quick"], timeout=600)
+    for task in ("mnist1d", "digits"):
+        assert f"### {task}" in out
+    arms = rows(out, "A:") + rows(out, "B:") + rows(out, "C:") + rows(out, "D:")
+    assert len(arms) == 8, arms  # four arms on two tasks, one budget
+    for r in arms:
+        mean = float(r[1].split("±")[0])
+        assert 0.0 <= mean <= 100.0
+    assert out.count("-> arms B and C use") == 2
