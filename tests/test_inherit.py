@@ -309,3 +309,10 @@ def test_zoo_models_train_with_inherited_weights(name):
         for pname, p in gm.get_submodule(d.module).named_parameters():
             assert p.grad is not None, f"{d.module}.{pname} got no gradient"
             assert torch.isfinite(p.grad).all() and torch.isfinite(p).all()
+
+
+def test_a_parameter_budget_search_inherits_too():
+    model = _mlp()
+    gm = mt.mgicify(model, torch.randn(4, 16), target_params=0.9, init="inherit")
+    rewritten = gm.meta["mgic"].rewritten
+    assert rewritten and all(d.init and all(r.inherited for r in d.init) for d in rewritten)
