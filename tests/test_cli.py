@@ -261,11 +261,13 @@ def test_input_shape_the_model_rejects(tmp_path):
 def test_options_reach_the_compiler(tmp_path, monkeypatch, capsys):
     out = tmp_path / "o"
     proc = run_main(TINY, *SMALL, "--coarsest-width", "32", "--transitions", "--skip", "layer2", "no_such_block",
-                    "--output-dir", out, "--format", "json", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+                    "--rule", "compact", "--output-dir", out, "--format", "json", cwd=tmp_path, monkeypatch=monkeypatch,
+                    capsys=capsys)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    assert report["options"] == {
-        "group_size": 16, "coarsest_width": 32, "transitions": True, "skip": ["layer2", "no_such_block"]}
+    assert report["options"] == {"rule": "compact", "budget": None,
+                                 "group_size": 16, "coarsest_width": 32, "transitions": True,
+                                 "skip": ["layer2", "no_such_block"]}
     warning_lines = [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warning_lines) == 1 and "no_such_block" in warning_lines[0]  # the compiler's warning, one line
     rows = {b["path"]: b for b in report["blocks"]}

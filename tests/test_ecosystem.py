@@ -57,7 +57,7 @@ class Net(nn.Module):
         return self.head(self.drop(x.mean((2, 3))))
 
 
-OPTS = dict(group_size=4, coarsest_width=6)  # widths 24 -> 12 -> 6
+OPTS = dict(group_size=4, coarsest_width=6, rule="compact")  # widths 24 -> 12 -> 6 (outer width halved)
 SHAPE = (2, 3, 8, 8)
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import mgic_transform as mt
+from mgic_transform.plan import Decline
 from mgic_transform.errors import ConfigError, InputError, TraceError
 from custom_models import Tiny
 
@@ -119,7 +120,7 @@ _BAD_VALUES = [0, -1, -32, 2.0, 1.5, True, False, "4", None, [4], torch.tensor(4
 
 @pytest.mark.parametrize(
     "option, value",
-    [("group_size", v) for v in _BAD_VALUES] + [("coarsest_width", v) for v in _BAD_VALUES if v is not None],
+    [(option, v) for option in ("group_size", "coarsest_width") for v in _BAD_VALUES if v is not None],
     ids=lambda v: repr(v) if not isinstance(v, str) or v in ("4",) else v,
 )
 def test_option_not_a_positive_integer(option, value):
@@ -369,7 +370,8 @@ def test_model_too_narrow_to_rewrite_is_reported_not_raised():
     gm = mt.mgicify(Tiny(8), X, group_size=32)
     plan = gm.meta["mgic"]
     assert plan.blocks and not plan.rewritten
-    assert all("not wider than coarsest_width=32" in d.reason for d in plan.skipped)
+    assert all("narrowest width 8 is below coarsest_width=32" in d.reason for d in plan.skipped)
+    assert all(d.decline is Decline.TOO_NARROW for d in plan.skipped)
 
 
 # regression B4 (fixed): inferring example inputs fails first for a model with no conv/linear

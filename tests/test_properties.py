@@ -322,7 +322,8 @@ def check_transform(model, x, *, one_line_reasons=True, **options):
         block = gm.get_submodule(d.module)
         assert isinstance(block, MGICBlock)
         assert d.params_after == _n_params(block) < d.params_before
-        _check_levels(d, options["group_size"], options.get("coarsest_width") or options["group_size"])
+        _check_levels(d, options["group_size"], options.get("coarsest_width") or options["group_size"],
+                      options.get("rule", "paper"))
         assert block.num_levels == len(d.levels)
     for d in plan.skipped:
         assert d.reason and d.module is None
@@ -358,10 +359,14 @@ def example_input_like(x, batch):
     return torch.randn(batch, x.shape[1], *(2 * s for s in x.shape[2:]))
 
 
-def _check_levels(d, group_size, coarsest_width):
+def _check_levels(d, group_size, coarsest_width, rule):
     levels, groups = d.levels, d.groups
-    assert levels[0] == d.out_width and levels[-1] <= coarsest_width < levels[-2]
-    assert all(b == a // 2 for a, b in zip(levels, levels[1:]))
+    assert levels[0] == d.out_width and len(levels) >= 2
+    if rule == "compact":  # the outer width halves until it is at most s_c
+        assert levels[-1] <= coarsest_width < levels[-2]
+        assert all(b == a // 2 for a, b in zip(levels, levels[1:]))
+    else:  # the narrowest width halves; the outer one follows it, up to rounding
+        assert all(a // 2 - 1 <= b <= a // 2 + 1 for a, b in zip(levels, levels[1:]))
     assert len(groups) == len(levels) and groups[-1] == 1
     assert all(c % g == 0 for c, g in zip(levels, groups))
     assert d.group_sizes == tuple(c // g for c, g in zip(levels, groups))
@@ -420,18 +425,24 @@ def test_skip_everything_gives_the_same_function(spec, group_size, transitions):
 
 
 def test_the_strategy_reaches_rewrites_of_every_join_kind():
-    """Guard against a vacuous property: the examples above do rewrite residual/gate/SE/transition blocks."""
+    """Guard against a vacuous property: the examples above do rewrite residual/gate/SE/transition blocks.
+
+    Under either rule; the paper rule keeps a single width-changing layer ("plain") as it is, by design.
+    """
     torch.manual_seed(0)
-    kinds = set()
-    for spec, opts in [(MOBILE_SE, dict(group_size=7, coarsest_width=4, transitions=True)),
-                       (TRANSITION, dict(group_size=4, coarsest_width=8, transitions=True)),
-                       (GATE_CONCAT, dict(group_size=4, coarsest_width=8)),
-                       (SHUFFLE_FANCY, dict(group_size=4, coarsest_width=8))]:
-        gm = check_transform(RandomCNN(spec), example_input(spec), **opts)
-        for d in gm.meta["mgic"].rewritten:
-            kinds.add((spec[3][int(d.path.split(".")[1])][0] if d.path.startswith("body.") else "stem", d.kind))
-    assert {("residual", "residual"), ("invres", "residual"), ("se", "residual"), ("gate", "residual"),
-            ("concat", "residual"), ("plain", "transition"), ("shuffle", "residual"), ("fancy", "residual")} <= kinds
+    kinds = {"paper": set(), "compact": set()}
+    for rule, found in kinds.items():
+        for spec, opts in [(MOBILE_SE, dict(group_size=7, coarsest_width=4, transitions=True)),
+                           (TRANSITION, dict(group_size=4, coarsest_width=8, transitions=True)),
+                           (GATE_CONCAT, dict(group_size=4, coarsest_width=8)),
+                           (SHUFFLE_FANCY, dict(group_size=2, coarsest_width=8))]:
+            gm = check_transform(RandomCNN(spec), example_input(spec), rule=rule, **opts)
+            for d in gm.meta["mgic"].rewritten:
+                found.add((spec[3][int(d.path.split(".")[1])][0] if d.path.startswith("body.") else "stem", d.kind))
+    every = {("residual", "residual"), ("invres", "residual"), ("se", "residual"), ("gate", "residual"),
+             ("concat", "residual"), ("plain", "transition"), ("shuffle", "residual"), ("fancy", "residual")}
+    assert every <= kinds["compact"]
+    assert every - {("plain", "transition")} <= kinds["paper"], every - kinds["paper"]
 
 
 @settings(max_examples=200, deadline=None, derandomize=True, database=None)

@@ -145,23 +145,47 @@ class _LayerWidths:
 
     ``all`` resizes the block's constants (``get_attr`` tensors, sizes baked into
     views); ``main`` are the widths of the block's main path, the ones the paper
-    rule may halve: tensors at least as large, per channel, as the smaller end of
-    the block. A squeeze-excite gate pooled to 1x1 does not count, and neither
-    does a transition's input width, which the connector replaces.
+    rule may halve: tensors that reach the exit without being broadcast
+    (:func:`_main_path`). A squeeze-excite gate or a spatial attention map does
+    not count, and neither does a transition's input width, which the connector
+    replaces.
     """
 
     all: frozenset[int]
     main: frozenset[int]
 
 
+def _broadcast_into(small: Optional[torch.Size], big: Optional[torch.Size]) -> bool:
+    """Whether a tensor of shape ``small`` reaches a result of shape ``big`` by broadcasting (a gate, a scale)."""
+    if small is None or big is None:
+        return False
+    return len(small) < len(big) or any(a == 1 and b > 1 for a, b in zip(small, big))
+
+
+def _main_path(region: Region) -> set[torch.fx.Node]:
+    """The nodes whose values reach the block's exit without being broadcast on the way.
+
+    A squeeze-excite gate (``x * sigmoid(fc(pool(x)))``, shape ``N x C x 1 x 1``) or a
+    spatial attention map (``N x 1 x H x W``) only scales the main path; its widths are not
+    the block's.
+    """
+    inside = set(region.nodes) | {region.entry}
+    seen, stack = set(), [region.exit]
+    while stack:
+        n = stack.pop()
+        if n in seen or n not in inside:
+            continue
+        seen.add(n)
+        for a in n.all_input_nodes:
+            if n.op == "call_module" or not _broadcast_into(shape_of(a), shape_of(n)):
+                stack.append(a)
+    return seen
+
+
 def _layer_widths(gm: torch.fx.GraphModule, region: Region, cd: int) -> _LayerWidths:
     entry_shape, exit_shape = shape_of(region.entry), shape_of(region.exit)
     c_in, c_out = entry_shape[cd], exit_shape[cd]
-
-    def per_channel(shape: torch.Size, dim: int) -> int:
-        return math.prod(s for i, s in enumerate(shape) if i not in (0, dim % len(shape)))
-
-    smallest = min(per_channel(entry_shape, cd), per_channel(exit_shape, cd))
+    main_path = _main_path(region)
     every, main = {c_in, c_out}, {c_out}
     for n in region.nodes:
         if n.op != "call_module":
@@ -175,7 +199,7 @@ def _layer_widths(gm: torch.fx.GraphModule, region: Region, cd: int) -> _LayerWi
             if s is None or len(s) < 2:
                 continue
             every.add(s[dim])
-            if s[dim] > 1 and per_channel(s, dim) >= smallest and (t is not region.entry or c_in == c_out):
+            if s[dim] > 1 and t in main_path and (t is not region.entry or c_in == c_out):
                 main.add(s[dim])
     return _LayerWidths(frozenset(every), frozenset(main))
 
