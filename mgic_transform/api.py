@@ -149,6 +149,19 @@ def _fixed_training_notes(model: nn.Module, gm: torch.fx.GraphModule) -> list[st
     return [note]
 
 
+def _mgicify_to_budget(model: nn.Module, example_inputs: Any, target: tuple[str, float],
+                       options: dict[str, Any]) -> torch.fx.GraphModule:
+    """``mgicify`` with the ``group_size``/``coarsest_width`` that :mod:`mgic_transform.budget` finds for ``target``."""
+    metric, ratio = target
+    inputs = as_input_tuple(example_inputs) if example_inputs is not None else infer_example_inputs(model)
+    gm, chosen, measured = search_budget(
+        model, inputs, metric=metric, target=ratio,
+        transform=lambda s_g, s_c: mgicify(model, inputs, group_size=s_g, coarsest_width=s_c, **options))
+    plan = dataclasses.replace(gm.meta["mgic"], budget=Budget(metric, ratio, chosen.ratio, measured))
+    gm.meta["mgic"] = gm._mgic_meta["mgic"] = plan
+    return gm
+
+
 def mgicify(
     model: nn.Module,
     example_inputs: Union[torch.Tensor, Sequence[torch.Tensor], None] = None,
@@ -223,16 +236,9 @@ def mgicify(
                           f"blocks from the trained weights of model.")
     target = _check_target(target_params, target_flops, group_size, coarsest_width)
     if target is not None:
-        metric, ratio = target
-        inputs = as_input_tuple(example_inputs) if example_inputs is not None else infer_example_inputs(model)
-        options = dict(skip=skip, transitions=transitions, rule=rule, leaf_modules=tuple(leaf_modules),
-                       concrete_args=concrete_args, init=init)
-        gm, chosen, measured = search_budget(
-            model, inputs, metric=metric, target=ratio,
-            transform=lambda s_g, s_c: mgicify(model, inputs, group_size=s_g, coarsest_width=s_c, **options))
-        plan = dataclasses.replace(gm.meta["mgic"], budget=Budget(metric, ratio, chosen.ratio, measured))
-        gm.meta["mgic"] = gm._mgic_meta["mgic"] = plan
-        return gm
+        return _mgicify_to_budget(model, example_inputs, target, dict(
+            skip=skip, transitions=transitions, rule=rule, leaf_modules=tuple(leaf_modules), concrete_args=concrete_args,
+            init=init))
     group_size = 32 if group_size is None else _check_positive_int("group_size", group_size)
     coarsest_width = group_size if coarsest_width is None else _check_positive_int("coarsest_width", coarsest_width)
     skip = _normalise_skip(skip)
