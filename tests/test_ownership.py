@@ -227,3 +227,21 @@ def test_marks_survive_save_load_and_remarking(tmp_path):
     back = torch.load(tmp_path / "m.pt", weights_only=False)
     with torch.no_grad():
         torch.testing.assert_close(back(x), gm(x))
+
+
+def test_regression_folded_network_guards_the_conv_a_batchnorm_went_into():
+    """B27 after fold_batchnorm: the guard must name the conv that now makes the tensor, not the folded BN."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    gm = mt.mgicify(torchvision.models.resnet18(), x, group_size=16, coarsest_width=32).eval()
+    fast = mt.fold_batchnorm(gm)
+    conv = fast.get_submodule("layer2.0.conv1")  # its BN was folded; its output (after the in-place ReLU) feeds an MGIC block
+    runs = []
+    for mode, copy in ((torch.enable_grad, True), (torch.inference_mode, False)):
+        seen = []
+        handle = conv.register_forward_hook(lambda m, a, out: seen.append(out.clone() if copy else out))
+        with mode():
+            fast(x)
+        handle.remove()
+        runs.append(seen[0])
+    torch.testing.assert_close(runs[1], torch.relu(runs[0]))  # the model's own ReLU(inplace=True), and nothing else
