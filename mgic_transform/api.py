@@ -21,7 +21,7 @@ from .passes.ownership import mark_overwritable_inputs
 from .budget import search_budget
 from .hierarchy import RULES
 from .passes.rewrite import RewriteOptions, rewrite_blocks
-from .passes.shapes import propagate_shapes
+from .passes.shapes import propagate_other_size, propagate_shapes
 from .plan import Budget, MGICPlan
 from .tracing import LeafSpec, eliminate_dead_code, trace
 
@@ -252,8 +252,10 @@ def mgicify(
     work = copy_structure(model, lambda t: t if isinstance(t, nn.Parameter) else t.clone())
     gm = trace(work, leaf_modules=leaf_modules, concrete_args=concrete_args)
     eliminate_dead_code(gm)
+    single_size = None
     if has_layers or inputs:
         propagate_shapes(gm, _graph_inputs(gm, inputs))
+        single_size = propagate_other_size(gm, _graph_inputs(gm, inputs))  # shapes that hold at any size
     regions = find_blocks(gm, transitions=transitions) if has_layers else []
     options = RewriteOptions(rule=rule, group_size=group_size, coarsest_width=coarsest_width, skip=skip,
                              transitions=transitions)
@@ -274,6 +276,8 @@ def mgicify(
         warnings.warn(f"skip pattern(s) {unused} matched no block; module paths look like "
                       f"{[d.path for d in decisions[:3]]}", UserWarning, stacklevel=2)
     notes = _fixed_training_notes(model, gm)
+    if single_size:
+        notes.append(f"{single_size}: blocks were checked at the example input size only; run the result at that size")
     if not has_layers:
         notes.append("the model has no Conv or Linear layer: nothing to rewrite")
     elif not decisions:

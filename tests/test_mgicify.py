@@ -166,3 +166,43 @@ def test_a_declined_transition_unit_is_searched_inside():
     rewritten_on = {d.path for d in plans[True].rewritten}
     assert rewritten_off <= rewritten_on, rewritten_off - rewritten_on
     assert params[True] <= params[False]
+
+
+# regression B28: at a 32 px example input ResNet-18's layer4 is 1x1, so the global pool looked shape-preserving and
+# became part of the last block; at 64 px the coarsest level then broadcast (2,16,1,1) against (2,16,2,2) in silence
+def test_regression_small_example_input_does_not_let_a_block_swallow_the_global_pool():
+    torch.manual_seed(0)
+    small = mt.mgicify(torchvision.models.resnet18().eval(), torch.randn(1, 3, 32, 32)).eval()
+    for d in small.meta["mgic"].rewritten:
+        assert "avgpool" not in d.nodes and "avgpool" not in d.path, d
+    torch.manual_seed(0)
+    large = mt.mgicify(torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64)).eval()
+    assert [d.path for d in small.meta["mgic"].rewritten] == [d.path for d in large.meta["mgic"].rewritten]
+    large.load_state_dict(small.state_dict())  # same blocks, same parameters: the same network
+    x = torch.randn(2, 3, 64, 64)
+    shapes = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: shapes.append((args[0].shape, out.shape)))
+             for m in small.modules() if isinstance(m, MGICBlock)]
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), large(x))
+    for h in hooks:
+        h.remove()
+    assert shapes and all(a == b for a, b in shapes)  # every block is shape-preserving at 64 px too
+
+
+def test_a_model_that_runs_at_one_size_only_gets_a_note():
+    class FixedSize(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 3, padding=1)
+            self.conv = nn.Conv2d(16, 16, 3, padding=1)
+            self.head = nn.Linear(16 * 8 * 8, 4)
+
+        def forward(self, x):
+            x = self.stem(x)
+            x = x + self.conv(x)
+            return self.head(x.flatten(1))
+
+    gm = mt.mgicify(FixedSize(), torch.randn(1, 3, 8, 8), group_size=4, coarsest_width=4)
+    assert gm.meta["mgic"].rewritten
+    assert any("does not run at input 1x3x16x16" in n for n in gm.meta["mgic"].notes), gm.meta["mgic"].notes
