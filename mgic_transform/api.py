@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import warnings
 from typing import Any, Iterable, Optional, Sequence, Union
 
@@ -78,6 +79,10 @@ def _graph_inputs(gm: torch.fx.GraphModule, inputs: tuple) -> tuple:
     """One value per placeholder: the example inputs, then the defaults (concrete_args values) for the rest."""
     values = list(inputs)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    starred = [n for n in placeholders if str(n.target).startswith("*")]  # *args / **kwargs take what is left
+    placeholders = [n for n in placeholders if n not in starred]
+    if starred and len(values) >= len(placeholders):
+        return tuple(values)
     for node in placeholders[len(values):]:
         if node.args:
             values.append(node.args[0])
@@ -110,6 +115,48 @@ def _check_plain_module(model: nn.Module) -> None:
     if lazy:
         raise InputError(f"the model has uninitialised lazy parameters ({lazy[0]}). Hint: run model(example_inputs) "
                          f"once to initialise the lazy layers, then call mgicify.")
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be True or False, got {value!r}. Hint: {name}=True.")
+    return value
+
+
+def _check_leaf_modules(leaf_modules: Any) -> tuple:
+    specs = (leaf_modules,) if isinstance(leaf_modules, (str, type)) else leaf_modules
+    try:
+        specs = tuple(specs)
+    except TypeError:
+        specs = None
+    bad = [s for s in specs or () if not (isinstance(s, str) or (isinstance(s, type) and issubclass(s, nn.Module)))]
+    if specs is None or bad:
+        raise ConfigError(
+            f"leaf_modules must be nn.Module classes or glob patterns over module paths, got "
+            f"{(bad[0] if bad else leaf_modules)!r}. Hint: leaf_modules=[MyAttention, \"backbone.head.*\"].")
+    return specs
+
+
+def _check_concrete_args(model: nn.Module, concrete_args: Any) -> Optional[dict[str, Any]]:
+    """A dict from names of ``model.forward``'s (non-starred) parameters to the values to fix them to."""
+    if concrete_args is None:
+        return None
+    if not isinstance(concrete_args, dict) or not all(isinstance(k, str) for k in concrete_args):
+        raise ConfigError(f"concrete_args must be a dict from forward() argument names to values, got "
+                          f"{concrete_args!r}. Hint: concrete_args={{\"flag\": True}}.")
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return concrete_args
+    names = [n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    unknown = [k for k in concrete_args if k not in names]
+    if unknown:
+        starred = any(k.lstrip("*") in params and params[k.lstrip("*")].kind in (
+            inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) for k in unknown)
+        hint = ("*args and **kwargs cannot be fixed: they are left empty" if starred
+                else f"{type(model).__name__}.forward() takes {', '.join(names) or 'no named arguments'}")
+        raise ConfigError(f"concrete_args names {unknown}, which forward() has no argument for. Hint: {hint}.")
+    return concrete_args
 
 
 def _check_positive_int(name: str, value: Any) -> int:
@@ -239,6 +286,9 @@ def mgicify(
     if rule not in RULES:
         raise ConfigError(f"rule must be one of {', '.join(map(repr, RULES))}, got {rule!r}. Hint: rule=\"paper\" "
                           f"builds the paper's networks, rule=\"compact\" smaller ones.")
+    transitions = _check_bool("transitions", transitions)
+    leaf_modules = _check_leaf_modules(leaf_modules)
+    concrete_args = _check_concrete_args(model, concrete_args)
     has_layers = any(example_input_shape(m) is not None for m in model.modules())
     if example_inputs is not None:
         inputs = as_input_tuple(example_inputs)

@@ -256,7 +256,9 @@ class _StateSnapshot:
         self.values = {id(t): t.detach().clone() for reg in self.tensors for t, *_ in reg.values()
                        if not isinstance(t, nn.Parameter)}
 
-    def changes(self) -> list[StateChange]:
+    def changes(self, graph: torch.fx.Graph) -> list[StateChange]:
+        """What changed; tensor constants torch.fx itself stores on the root (``_tensor_constant0``) do not count."""
+        constants = {str(n.target) for n in graph.nodes if n.op == "get_attr"}
         found = []
         for (path, m), attrs, tensors in zip(self.modules, self.attrs, self.tensors):
             for k, t in [*m._parameters.items(), *m._buffers.items()]:
@@ -266,7 +268,7 @@ class _StateSnapshot:
                 if before is None or t is not before[0] or (t._version, t.requires_grad, t.grad_fn) != tuple(before[1:]):
                     found.append(StateChange(path, f"writes {k!r} in place"))
             for k, v in m.__dict__.items():
-                if k in _TRACER_OWNED:
+                if k in _TRACER_OWNED or (k not in attrs and (f"{path}.{k}" if path else k) in constants):
                     continue
                 before = attrs.get(k)
                 if before is None or v is not before[0] or _contents(v) != before[1]:
@@ -386,7 +388,7 @@ def trace(
     while True:
         snapshot = _StateSnapshot(model)
         tracer, graph = _trace_once(model, (*leaf_modules, *auto), concrete_args)
-        changes = list(dict.fromkeys([*snapshot.changes(), *tracer.state_changes]))
+        changes = list(dict.fromkeys([*snapshot.changes(graph), *tracer.state_changes]))
         if not changes:
             break
         snapshot.restore()

@@ -404,3 +404,38 @@ def test_initialised_lazy_module_works():
     model(X)  # initialises the lazy layer: the fix the error above should suggest
     gm = mt.mgicify(model, X, **OK_OPTS)
     assert [d.path for d in gm.meta["mgic"].rewritten] == ["1"]
+
+
+class _Starred(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x, *args, scale=1.0, **kwargs):
+        x = self.stem(x)
+        return x + scale * self.conv(x)
+
+
+# regression B31: forward(self, x, *args, scale=1.0, **kwargs) was refused, and the hint's concrete_args={'*args': ...}
+# gave a raw SyntaxError from fx code generation
+def test_regression_starred_forward_arguments_are_left_empty():
+    x = torch.randn(1, 3, 8, 8)
+    gm = mt.mgicify(_Starred(), x, group_size=4, coarsest_width=4)
+    assert [d.path for d in gm.meta["mgic"].rewritten] == ["conv"]
+    assert gm(x).shape == (1, 16, 8, 8)
+    with pytest.raises(ConfigError, match=r"\*args and \*\*kwargs cannot be fixed"):
+        mt.mgicify(_Starred(), x, group_size=4, coarsest_width=4, concrete_args={"*args": ()})
+
+
+# regression B32: options of the wrong type were accepted silently or gave raw TypeErrors
+@pytest.mark.parametrize("options, needle", [
+    (dict(concrete_args=[1]), "concrete_args must be a dict"),
+    (dict(concrete_args={"nope": 1}), "_Starred.forward() takes x, scale"),
+    (dict(transitions="yes"), "transitions must be True or False"),
+    (dict(leaf_modules=[5]), "leaf_modules must be nn.Module classes or glob patterns"),
+    (dict(leaf_modules=[torch.Tensor]), "leaf_modules must be nn.Module classes"),
+])
+def test_regression_option_types_are_checked(options, needle):
+    with pytest.raises(ConfigError) as info:
+        mt.mgicify(_Starred(), torch.randn(1, 3, 8, 8), group_size=4, coarsest_width=4, **options)
+    assert needle in str(info.value)
