@@ -206,3 +206,44 @@ def test_a_model_that_runs_at_one_size_only_gets_a_note():
     gm = mt.mgicify(FixedSize(), torch.randn(1, 3, 8, 8), group_size=4, coarsest_width=4)
     assert gm.meta["mgic"].rewritten
     assert any("does not run at input 1x3x16x16" in n for n in gm.meta["mgic"].notes), gm.meta["mgic"].notes
+
+
+def _pad_to(sizes, x):
+    """Mutates its list argument, as torchvision's video Swin `_get_window_and_shift_size` does."""
+    for i in range(len(sizes)):
+        sizes[i] = min(sizes[i], x.shape[2 + i])
+    return sizes
+
+
+torch.fx.wrap("_pad_to")
+
+
+class _MutatesList(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        k = _pad_to([3, 3], x)
+        return x + self.conv(x) * (k[0] - 2)
+
+
+# regression B33: the shape pass handed an fx.wrap'd function fx's immutable_list (generated code passes a fresh
+# list), so swin3d_t failed with an InputError that blamed the input
+def test_regression_wrapped_function_may_mutate_its_list_argument():
+    x = torch.randn(1, 3, 8, 8)
+    gm = mt.mgicify(_MutatesList(), x, group_size=4, coarsest_width=4)
+    assert [d.path for d in gm.meta["mgic"].rewritten] == ["conv"]
+    assert gm(x).shape == (1, 16, 8, 8)
+
+
+@pytest.mark.slow
+def test_regression_swin3d_t_transforms():
+    torch.manual_seed(0)
+    model = torchvision.models.video.swin3d_t().eval()
+    x = torch.randn(1, 3, 8, 64, 64)
+    gm = mt.mgicify(model, x).eval()
+    assert gm.meta["mgic"].rewritten
+    with torch.no_grad():
+        assert gm(x).shape == model(x).shape

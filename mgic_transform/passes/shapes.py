@@ -71,6 +71,23 @@ def run_meta(gm: torch.fx.GraphModule, inputs: Sequence[Any], *, shadow: nn.Modu
     return run_fake(gm, inputs, key=key)
 
 
+def mutable_args(a: Any) -> Any:
+    """``a`` with fx's immutable lists and dicts replaced by fresh plain ones.
+
+    The generated code of a GraphModule builds a new list for every call
+    (``_get_window_and_shift_size([8, 7, 7], ...)``), and wrapped functions may
+    mutate it (torchvision's video Swin does); ``torch.fx.Interpreter`` hands
+    over the node's own ``immutable_list`` instead.
+    """
+    if isinstance(a, list):
+        return [mutable_args(x) for x in a]
+    if isinstance(a, dict):
+        return {k: mutable_args(v) for k, v in a.items()}
+    if type(a) is tuple:
+        return tuple(mutable_args(x) for x in a)
+    return a
+
+
 class _FakeShapeProp(torch.fx.Interpreter):
     """Runs the graph and writes each result's shape to ``annotate[node].meta`` (default: the node).
 
@@ -86,6 +103,10 @@ class _FakeShapeProp(torch.fx.Interpreter):
         self.annotate = annotate or {}
         self.real_root = real_root
         self.key = key
+
+    def fetch_args_kwargs_from_env(self, n: torch.fx.Node) -> tuple[tuple, dict]:
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        return mutable_args(args), mutable_args(kwargs)
 
     def run_node(self, n: torch.fx.Node) -> Any:
         try:

@@ -160,6 +160,12 @@ class _Reinstantiate(torch.fx.Interpreter):
         self.node = n
         return super().run_node(n)
 
+    def fetch_args_kwargs_from_env(self, n: torch.fx.Node) -> tuple[tuple, dict]:
+        from ..passes.shapes import mutable_args  # fresh lists, as the generated code passes them
+
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        return mutable_args(args), mutable_args(kwargs)
+
     def call_module(self, target: str, args: Any, kwargs: Any) -> Any:
         mod = self.fetch_attr(target)
         x = args[0]
