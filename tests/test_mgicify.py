@@ -4,6 +4,8 @@ For every model: the result lints, keeps the output shape, trains (every MGIC
 parameter gets a gradient), is smaller, and the input model is untouched.
 """
 
+import warnings
+
 import pytest
 import torch
 import torchvision
@@ -247,3 +249,25 @@ def test_regression_swin3d_t_transforms():
     assert gm.meta["mgic"].rewritten
     with torch.no_grad():
         assert gm(x).shape == model(x).shape
+
+
+class _InstanceNormUnit(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv, self.norm = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.InstanceNorm2d(16)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return x + self.norm(self.conv(x))
+
+
+# regression B34: a parameter-free InstanceNorm kept the original num_features in every level and warned on every
+# forward (33 times per RAFT encoder forward)
+def test_regression_parameter_free_instance_norm_takes_the_level_width():
+    x = torch.randn(1, 3, 8, 8)
+    gm = mt.mgicify(_InstanceNormUnit(), x, group_size=4, coarsest_width=4)
+    block = gm.get_submodule("conv")
+    assert [lvl.norm.num_features for lvl in block.levels] == list(gm.meta["mgic"].rewritten[0].levels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gm(x)

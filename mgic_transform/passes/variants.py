@@ -253,8 +253,11 @@ def _replay(block: torch.fx.GraphModule, spec: LevelSpec, shape: list[int], widt
     if not isinstance(out, torch.Tensor) or list(out.shape) != shape:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise VariantError(f"at width {spec.width} the block maps {tuple(shape)} to {got}, not to itself")
+    # weightless layers come from the block itself, unless the level needs another configuration
+    # (a parameter-free InstanceNorm's num_features)
     modules = {k: v for k, v in interp.new_attrs.items()
-               if isinstance(v, nn.Module) and (has_weights(v) or type(v) is not type(block.get_submodule(k)))}
+               if isinstance(v, nn.Module) and (has_weights(v) or type(v) is not type(block.get_submodule(k))
+                                                or repr(v) != repr(block.get_submodule(k)))}
     tensors = tuple(k for k, v in interp.new_attrs.items() if not isinstance(v, nn.Module))
     return _Recipe(modules, tensors, interp.sizes, mutates_input=x._version > 0)
 
