@@ -333,6 +333,21 @@ def _user_frame(exc: BaseException) -> Optional[traceback.FrameSummary]:
     return outside[-1] if outside else (frames[-1] if frames else None)
 
 
+def _part_hint(model: nn.Module) -> str:
+    """For a failure in the model's own forward (a detector's, RAFT's): transform its largest convolutional part."""
+    parts = [(sum(p.numel() for p in child.parameters()), name) for name, child in model.named_children()
+             if any(isinstance(m, nn.modules.conv._ConvNd) for m in child.modules())]
+    if not parts:
+        return "mark the offending submodule as a leaf with leaf_modules=[...]"
+    name = max(parts)[1]
+    attr = f".{name}" if name.isidentifier() else f"[{name}]"
+    others = [n for _, n in sorted(parts, reverse=True) if n != name][:3]
+    return (f"the line is in {type(model).__name__}.forward itself, which torch.fx cannot follow; transform a part "
+            f"of the model instead, e.g. model{attr} = mgicify(model{attr}, ...)"
+            + (f" (parts with convolutions: {', '.join([name, *others])})" if others else "")
+            + ", or mark submodules as leaves with leaf_modules=[...]")
+
+
 def _trace_once(model: nn.Module, leaf_modules: Iterable[LeafSpec],
                 concrete_args: Optional[dict[str, Any]]) -> tuple[LeafTracer, torch.fx.Graph]:
     tracer = LeafTracer(leaf_modules)
@@ -352,7 +367,7 @@ def _trace_once(model: nn.Module, leaf_modules: Iterable[LeafSpec],
             f"mark the module {inside!r} (or its class {type(model.get_submodule(inside)).__name__}) as a leaf "
             f"with leaf_modules=[...]"
             if inside
-            else "mark the offending submodule as a leaf with leaf_modules=[...]"
+            else _part_hint(model)
         )
         raise TraceError(
             f"torch.fx cannot trace {type(model).__name__}: {first_line(exc)} (at {where}"
