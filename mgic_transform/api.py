@@ -75,6 +75,28 @@ def _copy_training_flags(model: nn.Module, gm: torch.fx.GraphModule) -> None:
             module.training = original[path].training
 
 
+_HOOK_KINDS = {"_forward_hooks": "forward hook", "_forward_pre_hooks": "forward pre-hook",
+               "_backward_hooks": "backward hook", "_backward_pre_hooks": "backward pre-hook"}
+
+
+def _dropped_hooks(model: nn.Module, gm: torch.fx.GraphModule) -> list[str]:
+    """Hooks of ``model`` that never fire in ``gm``: on the model itself, on a container torch.fx traced
+    through, or on a layer a rewritten block replaced. (A layer the result calls, or one inside a leaf it
+    calls, keeps its hooks.)"""
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    kept = {p for p in called if not isinstance(gm.get_submodule(p), MGICBlock)}
+    dropped = []
+    for path, module in model.named_modules():
+        kinds = [kind for attr, kind in _HOOK_KINDS.items() if getattr(module, attr, None)]
+        if not kinds:
+            continue
+        parts = path.split(".") if path else []
+        if path and any(".".join(parts[:i]) in kept for i in range(1, len(parts) + 1)):
+            continue
+        dropped.append(f"{path or 'the model itself'!s} ({', '.join(kinds)})")
+    return dropped
+
+
 def _graph_inputs(gm: torch.fx.GraphModule, inputs: tuple) -> tuple:
     """One value per placeholder: the example inputs, then the defaults (concrete_args values) for the rest."""
     values = list(inputs)
@@ -326,6 +348,12 @@ def mgicify(
         warnings.warn(f"skip pattern(s) {unused} matched no block; module paths look like "
                       f"{[d.path for d in decisions[:3]]}", UserWarning, stacklevel=2)
     notes = _fixed_training_notes(model, gm)
+    dropped = _dropped_hooks(model, gm)
+    if dropped:
+        note = (f"hooks that do not fire in the result: {'; '.join(dropped)} (the module was traced through or "
+                f"replaced by an MGIC block). Register them on the result instead (gm.get_submodule(path))")
+        notes.append(note)
+        warnings.warn(note, UserWarning, stacklevel=2)
     if single_size:
         notes.append(f"{single_size}: blocks were checked at the example input size only; run the result at that size")
     if not has_layers:

@@ -271,3 +271,19 @@ def test_regression_parameter_free_instance_norm_takes_the_level_width():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         gm(x)
+
+
+# regression B37: hooks on the model, a traced-through container or a replaced layer silently stopped firing
+def test_regression_dropped_hooks_are_named():
+    from custom_models import Tiny
+
+    model = Tiny()
+    model.register_forward_hook(lambda m, a, o: None)
+    model.conv.register_forward_pre_hook(lambda m, a: None)  # replaced by the MGIC block
+    model.stem.register_forward_hook(lambda m, a, o: None)   # kept: still fires
+    with pytest.warns(UserWarning, match="hooks that do not fire") as record:
+        gm = mt.mgicify(model, torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=4)
+    message = str(next(w.message for w in record if "do not fire" in str(w.message)))
+    assert "the model itself (forward hook)" in message and "conv (forward pre-hook)" in message
+    assert "stem" not in message
+    assert any("do not fire" in n for n in gm.meta["mgic"].notes)
