@@ -23,13 +23,17 @@ _HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always
           "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
 
 
+_CONTAINERS = (list, set)
+
+
 def copy_structure(module: nn.Module, convert: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
                    *, hooks: bool = True) -> nn.Module:
     """Copy ``module``'s tree of modules, mapping every parameter and buffer through ``convert``.
 
-    Every module object is new (flags, hooks dicts and registries are private);
-    other attributes are shared with the original (they are treated as
-    read-only). With the default ``convert`` the copy *shares* its tensors with
+    Every module object is new (flags, hooks dicts, registries, and the lists,
+    dicts and sets it holds are private: a forward that appends to ``self.feats``
+    appends to the copy's list); other attributes are shared with the original
+    (they are treated as read-only). With the default ``convert`` the copy *shares* its tensors with
     ``module``; ``convert=lambda t: t.to("meta")`` gives a storage-less shadow.
     Modules and tensors shared inside ``module`` stay shared in the copy.
     With ``hooks=False`` the copy carries no user hooks (analysis shadows and
@@ -52,7 +56,8 @@ def copy_structure(module: nn.Module, convert: Callable[[torch.Tensor], torch.Te
         if id(m) in modules:
             return modules[id(m)]
         new = object.__new__(type(m))  # not type(m).__new__: GraphModule.__new__ makes a new class
-        new.__dict__ = {k: (v.copy() if isinstance(v, dict) else v) for k, v in m.__dict__.items()}
+        new.__dict__ = {k: (v.copy() if type(v) in _CONTAINERS or isinstance(v, dict) else v)
+                        for k, v in m.__dict__.items()}
         if not hooks:
             for name in _HOOKS:
                 if name in new.__dict__:

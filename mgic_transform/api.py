@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import warnings
 from typing import Any, Iterable, Optional, Sequence, Union
 
@@ -21,7 +22,7 @@ from .passes.ownership import mark_overwritable_inputs
 from .budget import search_budget
 from .hierarchy import RULES
 from .passes.rewrite import RewriteOptions, rewrite_blocks
-from .passes.shapes import propagate_shapes
+from .passes.shapes import propagate_other_size, propagate_shapes
 from .plan import Budget, MGICPlan
 from .tracing import LeafSpec, eliminate_dead_code, trace
 
@@ -74,10 +75,36 @@ def _copy_training_flags(model: nn.Module, gm: torch.fx.GraphModule) -> None:
             module.training = original[path].training
 
 
+_HOOK_KINDS = {"_forward_hooks": "forward hook", "_forward_pre_hooks": "forward pre-hook",
+               "_backward_hooks": "backward hook", "_backward_pre_hooks": "backward pre-hook"}
+
+
+def _dropped_hooks(model: nn.Module, gm: torch.fx.GraphModule) -> list[str]:
+    """Hooks of ``model`` that never fire in ``gm``: on the model itself, on a container torch.fx traced
+    through, or on a layer a rewritten block replaced. (A layer the result calls, or one inside a leaf it
+    calls, keeps its hooks.)"""
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    kept = {p for p in called if not isinstance(gm.get_submodule(p), MGICBlock)}
+    dropped = []
+    for path, module in model.named_modules():
+        kinds = [kind for attr, kind in _HOOK_KINDS.items() if getattr(module, attr, None)]
+        if not kinds:
+            continue
+        parts = path.split(".") if path else []
+        if path and any(".".join(parts[:i]) in kept for i in range(1, len(parts) + 1)):
+            continue
+        dropped.append(f"{path or 'the model itself'!s} ({', '.join(kinds)})")
+    return dropped
+
+
 def _graph_inputs(gm: torch.fx.GraphModule, inputs: tuple) -> tuple:
     """One value per placeholder: the example inputs, then the defaults (concrete_args values) for the rest."""
     values = list(inputs)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    starred = [n for n in placeholders if str(n.target).startswith("*")]  # *args / **kwargs take what is left
+    placeholders = [n for n in placeholders if n not in starred]
+    if starred and len(values) >= len(placeholders):
+        return tuple(values)
     for node in placeholders[len(values):]:
         if node.args:
             values.append(node.args[0])
@@ -110,6 +137,48 @@ def _check_plain_module(model: nn.Module) -> None:
     if lazy:
         raise InputError(f"the model has uninitialised lazy parameters ({lazy[0]}). Hint: run model(example_inputs) "
                          f"once to initialise the lazy layers, then call mgicify.")
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be True or False, got {value!r}. Hint: {name}=True.")
+    return value
+
+
+def _check_leaf_modules(leaf_modules: Any) -> tuple:
+    specs = (leaf_modules,) if isinstance(leaf_modules, (str, type)) else leaf_modules
+    try:
+        specs = tuple(specs)
+    except TypeError:
+        specs = None
+    bad = [s for s in specs or () if not (isinstance(s, str) or (isinstance(s, type) and issubclass(s, nn.Module)))]
+    if specs is None or bad:
+        raise ConfigError(
+            f"leaf_modules must be nn.Module classes or glob patterns over module paths, got "
+            f"{(bad[0] if bad else leaf_modules)!r}. Hint: leaf_modules=[MyAttention, \"backbone.head.*\"].")
+    return specs
+
+
+def _check_concrete_args(model: nn.Module, concrete_args: Any) -> Optional[dict[str, Any]]:
+    """A dict from names of ``model.forward``'s (non-starred) parameters to the values to fix them to."""
+    if concrete_args is None:
+        return None
+    if not isinstance(concrete_args, dict) or not all(isinstance(k, str) for k in concrete_args):
+        raise ConfigError(f"concrete_args must be a dict from forward() argument names to values, got "
+                          f"{concrete_args!r}. Hint: concrete_args={{\"flag\": True}}.")
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return concrete_args
+    names = [n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    unknown = [k for k in concrete_args if k not in names]
+    if unknown:
+        starred = any(k.lstrip("*") in params and params[k.lstrip("*")].kind in (
+            inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) for k in unknown)
+        hint = ("*args and **kwargs cannot be fixed: they are left empty" if starred
+                else f"{type(model).__name__}.forward() takes {', '.join(names) or 'no named arguments'}")
+        raise ConfigError(f"concrete_args names {unknown}, which forward() has no argument for. Hint: {hint}.")
+    return concrete_args
 
 
 def _check_positive_int(name: str, value: Any) -> int:
@@ -245,6 +314,9 @@ def mgicify(
     if rule not in RULES:
         raise ConfigError(f"rule must be one of {', '.join(map(repr, RULES))}, got {rule!r}. Hint: rule=\"paper\" "
                           f"builds the paper's networks, rule=\"compact\" smaller ones.")
+    transitions = _check_bool("transitions", transitions)
+    leaf_modules = _check_leaf_modules(leaf_modules)
+    concrete_args = _check_concrete_args(model, concrete_args)
     has_layers = any(example_input_shape(m) is not None for m in model.modules())
     if example_inputs is not None:
         inputs = as_input_tuple(example_inputs)
@@ -258,8 +330,10 @@ def mgicify(
     work = copy_structure(model, lambda t: t if isinstance(t, nn.Parameter) else t.clone())
     gm = trace(work, leaf_modules=leaf_modules, concrete_args=concrete_args)
     eliminate_dead_code(gm)
+    single_size = None
     if has_layers or inputs:
         propagate_shapes(gm, _graph_inputs(gm, inputs))
+        single_size = propagate_other_size(gm, _graph_inputs(gm, inputs))  # shapes that hold at any size
     regions = find_blocks(gm, transitions=transitions) if has_layers else []
     options = RewriteOptions(rule=rule, group_size=group_size, coarsest_width=coarsest_width, skip=skip,
                              transitions=transitions)
@@ -280,6 +354,14 @@ def mgicify(
         warnings.warn(f"skip pattern(s) {unused} matched no block; module paths look like "
                       f"{[d.path for d in decisions[:3]]}", UserWarning, stacklevel=2)
     notes = _fixed_training_notes(model, gm)
+    dropped = _dropped_hooks(model, gm)
+    if dropped:
+        note = (f"hooks that do not fire in the result: {'; '.join(dropped)} (the module was traced through or "
+                f"replaced by an MGIC block). Register them on the result instead (gm.get_submodule(path))")
+        notes.append(note)
+        warnings.warn(note, UserWarning, stacklevel=2)
+    if single_size:
+        notes.append(f"{single_size}: blocks were checked at the example input size only; run the result at that size")
     if not has_layers:
         notes.append("the model has no Conv or Linear layer: nothing to rewrite")
     elif not decisions:

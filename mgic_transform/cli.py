@@ -22,7 +22,9 @@ import contextlib
 import importlib
 import importlib.util
 import inspect
+import math
 import os
+import pickle
 import sys
 import textwrap
 import time
@@ -142,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="choose the sizes for at most this fraction of the original's parameters, e.g. 0.3")
     budget.add_argument("--target-flops", metavar="RATIO", type=_fraction, default=None,
                         help="choose the sizes for at most this fraction of the original's multiply-adds, e.g. 0.5")
+    p.add_argument("--leaf-module", metavar="PATTERN", action="append", default=None,
+                   help="keep a module whole (torch.fx does not trace into it): a class (pkg.mod.Class, or the "
+                        "name of a class the model uses) or a module path glob (backbone.head.*); repeatable")
     p.add_argument("--transitions", action="store_true",
                    help="also rewrite width-changing blocks (depthwise 3x3 connector + MGIC block)")
     p.add_argument("--output-dir", metavar="DIR", default=DEFAULT_OUTPUT_DIR,
@@ -204,6 +209,9 @@ def _exec_file(path: Path) -> ModelSource:
     sys.path.insert(0, str(path.resolve().parent))  # so the file can import its neighbours
     try:
         exec(code, module.__dict__)
+    except SystemExit as exc:  # a script part without `if __name__ == "__main__":`
+        raise CLIError(f"{_where_in(exc, path)}{path} called sys.exit({exc.code!r}) while it was loaded; put the "
+                       f"script part of the file under `if __name__ == \"__main__\":`") from exc
     except Exception as exc:  # noqa: BLE001 - user code: any failure is an input error
         raise CLIError(f"{_where_in(exc, path)}running {path} failed: {type(exc).__name__}: {first_line(exc)}") from exc
     return ModelSource(namespace=vars(module), where=str(path), module_name=name)
@@ -244,6 +252,8 @@ def _try_import(name: str) -> Optional[types.ModuleType]:
         if exc.name is not None and (name == exc.name or name.startswith(exc.name + ".")):
             return None
         raise CLIError(f"importing {name} failed: {first_line(exc)}") from exc
+    except SystemExit as exc:
+        raise CLIError(f"importing {name} called sys.exit({exc.code!r})") from exc
     except Exception as exc:  # noqa: BLE001 - third-party import code: any failure is an input error
         raise CLIError(f"importing {name} failed: {type(exc).__name__}: {first_line(exc)}") from exc
 
@@ -276,6 +286,8 @@ def _build(obj: Any, label: str) -> Any:
         )
     try:
         model = obj()
+    except SystemExit as exc:
+        raise CLIError(f"building the model with {label}() called sys.exit({exc.code!r})") from exc
     except Exception as exc:  # noqa: BLE001 - user code: any failure is an input error
         raise CLIError(f"building the model with {label}() failed: {type(exc).__name__}: {first_line(exc)}") from exc
     if not isinstance(model, nn.Module):
@@ -384,10 +396,66 @@ class _Progress:
         print(f" {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
 
 
-def _transform(model: Any, inputs: Optional[tuple], args: argparse.Namespace) -> Any:
+def _remove(files: Sequence[Path], folder: Optional[Path]) -> None:
+    """Undo a failed save: the files written so far, and the output folder if this run created it."""
+    for f in files:
+        f.unlink(missing_ok=True)
+    if folder is not None and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def _example_inputs(shapes: Optional[Sequence[tuple[int, ...]]]) -> Optional[tuple]:
+    import torch
+
+    if not shapes:
+        return None
+    try:
+        return tuple(torch.randn(s) for s in shapes)
+    except (RuntimeError, MemoryError) as exc:  # the allocator refuses a huge --input-shape
+        shape = ",".join(map(str, max(shapes, key=lambda s: math.prod(s))))
+        raise CLIError(f"cannot allocate an example input of shape {shape}: {first_line(exc)}; give a smaller "
+                       f"--input-shape (only shapes matter; 1 is a fine batch size)") from exc
+
+
+def _leaf_modules(specs: Sequence[str], model: Any) -> tuple:
+    """``--leaf-module`` values: a class (``pkg.mod.Class``, or the name of a class the model uses) or a path glob."""
+    import fnmatch
+
+    types = {}
+    for m in model.modules():
+        cls = type(m)
+        types.setdefault(cls.__name__, cls)
+        types.setdefault(f"{cls.__module__}.{cls.__qualname__}", cls)
+    paths = [p for p, _ in model.named_modules() if p]
+    out = []
+    for spec in specs:
+        if spec in types:
+            out.append(types[spec])
+            continue
+        module_name, _, attr = spec.rpartition(".")
+        cls = None
+        if module_name and attr.isidentifier() and all(p.isidentifier() for p in module_name.split(".")):
+            try:
+                cls = getattr(importlib.import_module(module_name), attr, None)
+            except Exception:  # noqa: BLE001 - not an importable module: read it as a path pattern
+                cls = None
+        from torch import nn
+
+        if isinstance(cls, type) and issubclass(cls, nn.Module):
+            out.append(cls)
+        elif any(fnmatch.fnmatchcase(p, spec) for p in paths):
+            out.append(spec)
+        else:
+            raise CLIError(f"--leaf-module {spec!r} names no class the model uses and matches no module path; "
+                           f"give a class (pkg.mod.Class or its name) or a path pattern such as "
+                           f"{(paths[0] + '.*') if paths else 'backbone.*'}")
+    return tuple(out)
+
+
+def _transform(model: Any, inputs: Optional[tuple], args: argparse.Namespace, leaves: tuple = ()) -> Any:
     """Run ``mgicify``; translate its errors into exit codes."""
     from . import mgicify
-    from .errors import ConfigError, InputError, MGICError
+    from .errors import ConfigError, InputError, MGICError, TraceError
 
     try:
         return mgicify(
@@ -400,11 +468,13 @@ def _transform(model: Any, inputs: Optional[tuple], args: argparse.Namespace) ->
             rule=args.rule,
             target_params=args.target_params,
             target_flops=args.target_flops,
+            leaf_modules=leaves,
         )
     except (ConfigError, InputError) as exc:
         raise CLIError(first_line(exc), EXIT_USAGE) from exc
     except MGICError as exc:
-        raise CLIError(f"cannot transform the model: {first_line(exc)}", EXIT_UNTRANSFORMABLE) from exc
+        cli = " (on the command line: --leaf-module PATTERN)" if isinstance(exc, TraceError) else ""
+        raise CLIError(f"cannot transform the model: {first_line(exc)}{cli}", EXIT_UNTRANSFORMABLE) from exc
     except Exception as exc:  # noqa: BLE001 - find out whose fault it is before blaming the compiler
         if inputs is not None:
             _check_model_runs(model, inputs)
@@ -456,25 +526,37 @@ def _run(args: argparse.Namespace, progress: _Progress) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise CLIError(f"--output-dir {out_dir} exists and is not a directory")
 
-    with progress.step(f"loading {args.model}"):
-        model = load_model(args.model, args.entry)
-    inputs = tuple(torch.randn(s) for s in args.input_shape) if args.input_shape else None
-    with progress.step("tracing and rewriting"):
-        gm = _transform(model, inputs, args)
-    with progress.step("counting parameters and FLOPs"):
-        try:
-            report = compare(model, gm, inputs)
-        except MGICError as exc:
-            raise CLIError(first_line(exc)) from exc
+    # stdout carries the report alone (--format json must parse): what the model's code prints goes to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        with progress.step(f"loading {args.model}"):
+            model = load_model(args.model, args.entry)
+        inputs = _example_inputs(args.input_shape)
+        leaves = _leaf_modules(args.leaf_module or (), model)
+        with progress.step("tracing and rewriting"):
+            gm = _transform(model, inputs, args, leaves)
+        with progress.step("counting parameters and FLOPs"):
+            try:
+                report = compare(model, gm, inputs)
+            except MGICError as exc:
+                raise CLIError(first_line(exc)) from exc
 
+    created = not out_dir.exists()
+    written: list[Path] = []
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         with progress.step(f"saving to {out_dir}"):
-            _save(lambda p: torch.save(gm, p), paths["model"])
-            _save(lambda p: p.write_text(report.to_json() + "\n"), paths["json"])
-            _save(lambda p: p.write_text(report.to_markdown()), paths["markdown"])
+            for key, writer in (("model", lambda p: torch.save(gm, p)),
+                                ("json", lambda p: p.write_text(report.to_json() + "\n")),
+                                ("markdown", lambda p: p.write_text(report.to_markdown()))):
+                _save(writer, paths[key])
+                written.append(paths[key])
     except OSError as exc:
+        _remove(written, out_dir if created else None)
         raise CLIError(f"cannot write to {out_dir}: {exc.strerror or exc}") from exc
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:  # an attribute pickle cannot save
+        _remove(written, out_dir if created else None)
+        raise CLIError(f"cannot save the transformed model: {type(exc).__name__}: {first_line(exc)}; the model "
+                       f"holds an object pickle cannot save (a lambda, a local class or a hook)") from exc
 
     rendered = {"text": str, "markdown": lambda r: r.to_markdown(), "json": lambda r: r.to_json()}[args.format](report)
     print(rendered.rstrip("\n"))

@@ -20,6 +20,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .layers import absorbs_batchnorm, is_foldable_batchnorm
 from .nn.mgic_block import MGICBlock
+from .passes.ownership import mark_overwritable_inputs
 from .tracing import trace
 
 __all__ = ["fold_batchnorm"]
@@ -45,6 +46,7 @@ def _fold_graph(gm: torch.fx.GraphModule) -> None:
         gm.graph.erase_node(node)
         changed = True
     if changed:
+        mark_overwritable_inputs(gm)  # a folded BN's conv now makes the tensor a block may overwrite
         gm.graph.lint()
         gm.recompile()
         gm.delete_all_unused_submodules()

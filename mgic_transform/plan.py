@@ -30,6 +30,7 @@ class Decline(str, enum.Enum):
     SINGLE_LAYER = "single_layer"  # a transition that is one channel-mixing layer (stem, expansion to the head)
     TOO_NARROW = "too_narrow"  # the rule gives it a single level
     SHARED_WEIGHTS = "shared_weights"  # a weight is also read outside the block
+    FROZEN = "frozen"  # a parameter of the block has requires_grad=False
     UNSUPPORTED = "unsupported"  # the block cannot be re-instantiated at a level's width
     CONNECTOR = "connector"  # no transition connector fits its shapes
     NOT_SMALLER = "not_smaller"  # the MGIC block would have as many parameters or more

@@ -33,10 +33,12 @@ The report is built from the :class:`~mgic_transform.plan.MGICPlan` that
 every candidate block is one :class:`BlockRow`, rewritten or not, and a block
 left alone carries the compiler's reason.
 
-Counting never changes the models: both are run in eval mode under
-``torch.no_grad()`` and every submodule's ``training`` flag is restored
-afterwards. Nothing is copied, so counting a large model costs one traced
-forward pass per model and no extra memory for weights.
+Counting never changes the models: fvcore runs, in eval mode under
+``torch.no_grad()``, on a private copy of each model's module tree that shares
+the weights (no extra memory for them) but has its own buffers, attributes,
+flags and no hooks. fvcore's scope hooks land on the copy, a forward that
+updates a buffer or an attribute updates the copy's, and a failed count
+leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ._modcopy import copy_structure
 from .errors import InputError, first_line
 from .inputs import as_input_tuple, infer_example_inputs
 from .plan import BlockDecision, Budget, MGICPlan
@@ -403,14 +406,18 @@ class FlopCount:
 def count_flops(model: nn.Module, inputs: ExampleInputs) -> FlopCount:
     """Count FLOPs of one forward pass of ``model`` with fvcore (1 multiply-add = 1 FLOP).
 
-    The model runs in eval mode under ``torch.no_grad()``; every submodule's
-    ``training`` flag is restored afterwards. fvcore's own log warnings about
+    A private copy of the model's module tree (weights shared, buffers and
+    attributes its own, no hooks) runs in eval mode under ``torch.no_grad()``;
+    ``model`` itself is not touched. fvcore's own log warnings about
     unsupported ops are switched off: the ops come back in ``uncounted`` instead.
     A model fvcore cannot trace (``torch.jit.trace``) gives ``total=None`` and the
     reason in ``error`` rather than an exception, so the parameter counts of a
     report survive a model with, say, dict inputs.
     """
     inputs = as_input_tuple(inputs, allow_empty=True)
+    # fvcore registers scope hooks on every module (and leaves them there when tracing fails), and the
+    # forward may update buffers or attributes: count on a private copy of the tree (weights shared)
+    model = copy_structure(model, lambda t: t if isinstance(t, nn.Parameter) else t.clone(), hooks=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fvcore import and jit.trace emit deprecation/tracer warnings
         from fvcore.nn import FlopCountAnalysis

@@ -17,6 +17,8 @@ import inspect
 import operator
 import re
 import traceback
+import warnings
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional, Union
 
 import torch
@@ -26,7 +28,7 @@ from torch import nn
 from .errors import TraceError, first_line
 from .layers import is_known_leaf
 
-__all__ = ["InPlaceProxy", "LeafTracer", "trace", "writes_in_place", "eliminate_dead_code"]
+__all__ = ["InPlaceProxy", "LeafTracer", "StateChange", "trace", "writes_in_place", "eliminate_dead_code"]
 
 LeafSpec = Union[type, str]
 
@@ -110,6 +112,27 @@ class LeafTracer(torch.fx.Tracer):
         self.reads_training: list[str] = []  # traced-through modules whose self.training was fixed while tracing
         self._flag_nodes: set[torch.fx.Node] = set()  # get_attr nodes standing for a module's self.training
         self._restore: list[tuple[nn.Module, Any]] = []
+        self._traced: list[str] = [""]  # the modules whose forward is being traced through, innermost last
+        self._grad_mode = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        self.state_changes: list[StateChange] = []  # what the graph cannot hold (see :func:`trace`)
+
+    def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, name: Optional[str] = None,
+                    type_expr: Any = None) -> torch.fx.Node:
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        where = self._traced[-1]
+        if (torch.is_grad_enabled(), torch.is_inference_mode_enabled()) != self._grad_mode:
+            self._note(where, "changes the grad mode (torch.no_grad / enable_grad / inference_mode), which the "
+                              "graph does not record")
+        first = node.args[0] if node.args else None
+        if isinstance(first, torch.fx.Node) and first.op == "get_attr" and first not in self._flag_nodes \
+                and writes_in_place(node, {}):
+            self._note(where, f"writes {first.target!r} in place")
+        return node
+
+    def _note(self, path: str, what: str) -> None:
+        change = StateChange(path, what)
+        if change not in self.state_changes:
+            self.state_changes.append(change)
 
     def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
         return InPlaceProxy(node, self)
@@ -188,14 +211,108 @@ class LeafTracer(torch.fx.Tracer):
         try:
             if self.is_leaf_module(m, path):
                 return super().call_module(m, forward, args, kwargs)
-            with self._training_flag(m, path):
-                return super().call_module(m, forward, args, kwargs)
+            self._traced.append(path)
+            try:
+                with self._training_flag(m, path):
+                    return super().call_module(m, forward, args, kwargs)
+            finally:
+                self._traced.pop()
         except Exception:
             if self.failed_in is None:
                 self.failed_in = self._current_module[-1]
             raise
         finally:
             self._current_module.pop()
+
+
+@dataclass(frozen=True)
+class StateChange:
+    """Something a module's forward did while traced that the graph does not hold.
+
+    ``path`` is the module (``""``: the model itself), ``what`` says what it did:
+    wrote a parameter or buffer in place (a hand-written BatchNorm updating its
+    running statistics: the update ran once, at trace time), changed the grad
+    mode (``with torch.no_grad():`` around a teacher branch), or assigned or
+    appended to an attribute (``self.calls += 1``).
+    """
+
+    path: str
+    what: str
+
+
+_TRACER_OWNED = {"training", "_parameters", "_buffers", "_modules"}
+
+
+class _StateSnapshot:
+    """Identity and version of everything a forward could change on a module tree, to diff after tracing."""
+
+    def __init__(self, root: nn.Module) -> None:
+        self.modules = list(root.named_modules(remove_duplicate=False))
+        self.attrs = [{k: (v, _contents(v)) for k, v in m.__dict__.items() if k not in _TRACER_OWNED}
+                      for _, m in self.modules]
+        self.tensors = [{k: (t, t._version, t.requires_grad, t.grad_fn)
+                         for k, t in [*m._parameters.items(), *m._buffers.items()] if t is not None}
+                        for _, m in self.modules]
+        self.values = {id(t): t.detach().clone() for reg in self.tensors for t, *_ in reg.values()
+                       if not isinstance(t, nn.Parameter)}
+
+    def changes(self, graph: torch.fx.Graph) -> list[StateChange]:
+        """What changed; tensor constants torch.fx itself stores on the root (``_tensor_constant0``) do not count."""
+        constants = {str(n.target) for n in graph.nodes if n.op == "get_attr"}
+        found = []
+        for (path, m), attrs, tensors in zip(self.modules, self.attrs, self.tensors):
+            for k, t in [*m._parameters.items(), *m._buffers.items()]:
+                if t is None and k not in tensors:
+                    continue
+                before = tensors.get(k)
+                if before is None or t is not before[0] or (t._version, t.requires_grad, t.grad_fn) != tuple(before[1:]):
+                    found.append(StateChange(path, f"writes {k!r} in place"))
+            for k, v in m.__dict__.items():
+                if k in _TRACER_OWNED or (k not in attrs and (f"{path}.{k}" if path else k) in constants):
+                    continue
+                before = attrs.get(k)
+                if before is None or v is not before[0] or _contents(v) != before[1]:
+                    found.append(StateChange(path, f"assigns self.{k}"))
+        return list(dict.fromkeys(found))
+
+    def restore(self) -> None:
+        """Undo what the traced forward did (the next trace must start from the same state)."""
+        for (_, m), attrs, tensors in zip(self.modules, self.attrs, self.tensors):
+            for k in [k for k in m.__dict__ if k not in _TRACER_OWNED and k not in attrs]:
+                del m.__dict__[k]
+            for k, (v, contents) in attrs.items():
+                m.__dict__[k] = v
+                if contents is not None and _contents(v) != contents:
+                    _refill(v, contents)
+            for k, (t, *_rest) in tensors.items():
+                registry = m._parameters if k in m._parameters else m._buffers
+                if id(t) in self.values and (t._version, t.requires_grad, t.grad_fn) != tuple(_rest):
+                    t = self.values[id(t)].clone()  # a fresh tensor: the traced write may have given it a grad_fn
+                registry[k] = t
+
+
+def _contents(v: Any) -> Any:
+    """Identities of a list's/dict's/set's items (an ``append`` in forward changes them), else ``None``."""
+    if isinstance(v, (list, set)):
+        return tuple(id(x) for x in v)
+    if isinstance(v, dict):
+        return tuple((k, id(x)) for k, x in v.items())
+    return None
+
+
+def _refill(container: Any, contents: Any) -> None:
+    objects = {id(x): x for x in (container.values() if isinstance(container, dict) else container)}
+    missing = [i for i in (c[1] if isinstance(container, dict) else c for c in contents) if i not in objects]
+    if missing:  # an item was removed: cannot be put back from identities alone
+        return
+    if isinstance(container, dict):
+        container.clear()
+        container.update((k, objects[i]) for k, i in contents)
+    elif isinstance(container, list):
+        container[:] = [objects[i] for i in contents]
+    else:
+        container.clear()
+        container.update(objects[i] for i in contents)
 
 
 @functools.lru_cache(maxsize=None)
@@ -216,17 +333,23 @@ def _user_frame(exc: BaseException) -> Optional[traceback.FrameSummary]:
     return outside[-1] if outside else (frames[-1] if frames else None)
 
 
-def trace(
-    model: nn.Module,
-    *,
-    leaf_modules: Iterable[LeafSpec] = (),
-    concrete_args: Optional[dict[str, Any]] = None,
-) -> torch.fx.GraphModule:
-    """Symbolically trace ``model``; raise :class:`TraceError` naming the failing line.
+def _part_hint(model: nn.Module) -> str:
+    """For a failure in the model's own forward (a detector's, RAFT's): transform its largest convolutional part."""
+    parts = [(sum(p.numel() for p in child.parameters()), name) for name, child in model.named_children()
+             if any(isinstance(m, nn.modules.conv._ConvNd) for m in child.modules())]
+    if not parts:
+        return "mark the offending submodule as a leaf with leaf_modules=[...]"
+    name = max(parts)[1]
+    attr = f".{name}" if name.isidentifier() else f"[{name}]"
+    others = [n for _, n in sorted(parts, reverse=True) if n != name][:3]
+    return (f"the line is in {type(model).__name__}.forward itself, which torch.fx cannot follow; transform a part "
+            f"of the model instead, e.g. model{attr} = mgicify(model{attr}, ...)"
+            + (f" (parts with convolutions: {', '.join([name, *others])})" if others else "")
+            + ", or mark submodules as leaves with leaf_modules=[...]")
 
-    The returned GraphModule *shares* submodules with ``model``; callers that
-    mutate it must trace a copy.
-    """
+
+def _trace_once(model: nn.Module, leaf_modules: Iterable[LeafSpec],
+                concrete_args: Optional[dict[str, Any]]) -> tuple[LeafTracer, torch.fx.Graph]:
     tracer = LeafTracer(leaf_modules)
     try:
         try:
@@ -244,13 +367,66 @@ def trace(
             f"mark the module {inside!r} (or its class {type(model.get_submodule(inside)).__name__}) as a leaf "
             f"with leaf_modules=[...]"
             if inside
-            else "mark the offending submodule as a leaf with leaf_modules=[...]"
+            else _part_hint(model)
         )
         raise TraceError(
             f"torch.fx cannot trace {type(model).__name__}: {first_line(exc)} (at {where}"
             f"{f', inside module {inside!r}' if inside else ''}). "
             f"Hint: {module_hint}, or fix the Python-level arguments with concrete_args={{...}}."
         ) from exc
+    return tracer, graph
+
+
+def trace(
+    model: nn.Module,
+    *,
+    leaf_modules: Iterable[LeafSpec] = (),
+    concrete_args: Optional[dict[str, Any]] = None,
+) -> torch.fx.GraphModule:
+    """Symbolically trace ``model``; raise :class:`TraceError` naming the failing line.
+
+    The returned GraphModule *shares* submodules with ``model``; callers that
+    mutate it must trace a copy.
+
+    State the graph cannot hold is never dropped in silence. A module whose
+    forward writes a parameter or buffer in place, changes the grad mode or
+    assigns (or appends to) an attribute of a module while traced (see
+    :class:`StateChange`) is made a leaf, so that its forward runs as written,
+    and the model is traced again; ``gm.meta["state_leaves"]`` lists them and a
+    ``UserWarning`` names them. When the model's own forward does it, there is
+    no module to keep whole, and :class:`TraceError` says what to move into a
+    submodule. The state is restored between traces.
+    """
+    leaf_modules = tuple(leaf_modules)
+    auto: list[str] = []
+    reasons: dict[str, str] = {}
+    while True:
+        snapshot = _StateSnapshot(model)
+        tracer, graph = _trace_once(model, (*leaf_modules, *auto), concrete_args)
+        changes = list(dict.fromkeys([*snapshot.changes(graph), *tracer.state_changes]))
+        if not changes:
+            break
+        snapshot.restore()
+        earlier = set(auto)
+        for change in changes:
+            path = change.path
+            while path in earlier:  # a leaf's own forward did not run: whoever changed it is further out
+                path = path.rpartition(".")[0]
+            if not path:
+                raise TraceError(
+                    f"the forward() of {type(model).__name__} itself {change.what}"
+                    f"{f' (of module {change.path!r})' if change.path else ''}; torch.fx records tensor operations "
+                    f"only, so the result would silently skip it. Hint: move that code into a submodule and pass it "
+                    f"as leaf_modules=[...], or transform the part of the model without it."
+                )
+            if path not in auto:
+                auto.append(path)
+                reasons[path] = change.what
+    if auto:
+        warnings.warn(
+            "kept whole (not traced, not rewritten) because torch.fx cannot record what their forward does: "
+            + "; ".join(f"{p!r} {reasons[p]}" for p in auto)
+            + ". Hint: pass leaf_modules=[...] to say so, or change the forward", UserWarning, stacklevel=3)
     if concrete_args:
         # Calling the result without the fixed arguments must use the values it was specialised to.
         # fx may rename the placeholder (``flag`` -> ``flag_1``) and guards it with an _assert.
@@ -264,4 +440,5 @@ def trace(
     name = type(model).__name__
     gm = torch.fx.GraphModule(tracer.root, graph, name)
     gm.meta["reads_training"] = tuple(tracer.reads_training)
+    gm.meta["state_leaves"] = tuple((p, reasons[p]) for p in auto)
     return gm

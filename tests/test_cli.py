@@ -284,3 +284,74 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
     assert quiet.returncode == loud.returncode == 2
     assert "Traceback" not in quiet.stderr and "Traceback" in loud.stderr
     assert loud.stderr.strip().splitlines()[-1] == quiet.stderr.strip()
+
+
+# --------------------------------------------------------------------------- B38: CLI abuse
+
+
+@pytest.mark.parametrize("code, needle", [("0", "called sys.exit(0)"), ("'bye'", "called sys.exit('bye')")])
+def test_regression_model_file_that_exits_is_an_error(tmp_path, monkeypatch, capsys, code, needle):
+    path = write(tmp_path, "exits.py", f"import sys\nfrom torch import nn\nmodel = nn.Conv2d(3, 3, 1)\nsys.exit({code})\n")
+    proc = run_main(path, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert_one_line_error(proc, 2, needle, "exits.py:4")
+    assert not (tmp_path / "mgic_out").exists()
+
+
+def test_regression_huge_input_shape_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    proc = run_main(TINY, "--input-shape", "99999999999,3,32,32", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert_one_line_error(proc, 2, "cannot allocate an example input of shape 99999999999,3,32,32")
+
+
+def test_regression_json_stdout_is_json_even_when_the_model_prints(tmp_path, monkeypatch, capsys):
+    source = TINY.read_text() + "\nprint('loading my model')\n"
+    path = write(tmp_path, "chatty.py", source)
+    proc = run_main(path, *SMALL, "--format", "json", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["params_before"] > 0
+    assert "loading my model" in proc.stderr
+
+
+_UNTRACEABLE = """
+import torch
+from torch import nn
+
+class Gate(nn.Module):
+    def forward(self, x):
+        return x if x.mean() > 0 else -x
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.conv = nn.Conv2d(32, 32, 3, padding=1)
+        self.gate = Gate()
+
+    def forward(self, x):
+        x = self.gate(self.stem(x))
+        return x + self.conv(x)
+"""
+
+
+@pytest.mark.parametrize("leaf", ["Gate", "gate", "g*"])
+def test_leaf_module_option_follows_the_trace_hint(tmp_path, monkeypatch, capsys, leaf):
+    path = write(tmp_path, "gated.py", _UNTRACEABLE)
+    args = ["--entry", "Net", "--input-shape", "1,3,8,8", "--group-size", "8"]
+    proc = run_main(path, *args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert_one_line_error(proc, 1, "leaf_modules=[...]", "--leaf-module PATTERN")
+    proc = run_main(path, *args, "--leaf-module", leaf, "--format", "json", cwd=tmp_path, monkeypatch=monkeypatch,
+                    capsys=capsys)
+    assert proc.returncode == 0, proc.stderr
+    assert [b["path"] for b in json.loads(proc.stdout)["blocks"] if b["status"] == "rewritten"] == ["conv"]
+
+
+def test_leaf_module_that_matches_nothing(tmp_path, monkeypatch, capsys):
+    proc = run_main(TINY, *SMALL, "--leaf-module", "nothing.here", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert_one_line_error(proc, 2, "--leaf-module 'nothing.here' names no class")
+
+
+def test_regression_unsaveable_model_is_a_one_line_error_and_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    source = TINY.read_text() + "\ndef build_model():\n    m = TinyResNet()\n    m.stem[0].note = lambda: 1  # a kept layer\n    return m\n"
+    path = write(tmp_path, "lambda_attr.py", source)
+    proc = run_main(path, *SMALL, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert_one_line_error(proc, 2, "cannot save the transformed model")
+    assert not (tmp_path / "mgic_out").exists()

@@ -406,3 +406,73 @@ def test_initialised_lazy_module_works():
     model(X)  # initialises the lazy layer: the fix the error above should suggest
     gm = mt.mgicify(model, X, **OK_OPTS)
     assert [d.path for d in gm.meta["mgic"].rewritten] == ["1"]
+
+
+class _Starred(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x, *args, scale=1.0, **kwargs):
+        x = self.stem(x)
+        return x + scale * self.conv(x)
+
+
+# regression B31: forward(self, x, *args, scale=1.0, **kwargs) was refused, and the hint's concrete_args={'*args': ...}
+# gave a raw SyntaxError from fx code generation
+def test_regression_starred_forward_arguments_are_left_empty():
+    x = torch.randn(1, 3, 8, 8)
+    gm = mt.mgicify(_Starred(), x, group_size=4, coarsest_width=4)
+    assert [d.path for d in gm.meta["mgic"].rewritten] == ["conv"]
+    assert gm(x).shape == (1, 16, 8, 8)
+    with pytest.raises(ConfigError, match=r"\*args and \*\*kwargs cannot be fixed"):
+        mt.mgicify(_Starred(), x, group_size=4, coarsest_width=4, concrete_args={"*args": ()})
+
+
+# regression B32: options of the wrong type were accepted silently or gave raw TypeErrors
+@pytest.mark.parametrize("options, needle", [
+    (dict(concrete_args=[1]), "concrete_args must be a dict"),
+    (dict(concrete_args={"nope": 1}), "_Starred.forward() takes x, scale"),
+    (dict(transitions="yes"), "transitions must be True or False"),
+    (dict(leaf_modules=[5]), "leaf_modules must be nn.Module classes or glob patterns"),
+    (dict(leaf_modules=[torch.Tensor]), "leaf_modules must be nn.Module classes"),
+])
+def test_regression_option_types_are_checked(options, needle):
+    with pytest.raises(ConfigError) as info:
+        mt.mgicify(_Starred(), torch.randn(1, 3, 8, 8), group_size=4, coarsest_width=4, **options)
+    assert needle in str(info.value)
+
+
+class _Detector(nn.Module):
+    """A whole detector: the backbone traces, the top-level forward iterates over its targets."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1))
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x, targets=None):
+        y = self.head(self.backbone(x))
+        for t in y:  # per-image post-processing
+            pass
+        return y
+
+
+# regression B35: a failure in the model's own forward hinted at leaf modules only; transforming the backbone works
+def test_regression_top_level_failure_suggests_transforming_a_part():
+    with pytest.raises(TraceError, match=r"model\.backbone = mgicify\(model\.backbone, \.\.\.\)"):
+        mt.mgicify(_Detector(), torch.randn(1, 3, 8, 8), group_size=4, coarsest_width=4)
+    model = _Detector()
+    model.backbone = mt.mgicify(model.backbone, torch.randn(1, 3, 8, 8), group_size=4, coarsest_width=4)
+    assert model.backbone.meta["mgic"].rewritten and model(torch.randn(1, 3, 8, 8)).shape == (1, 4, 8, 8)
+
+
+# regression B36: a frozen block was replaced by a trainable, randomly initialised MGIC block without a word
+def test_regression_frozen_blocks_are_left_alone():
+    torch.manual_seed(0)
+    model = Tiny()
+    model.conv.requires_grad_(False)
+    gm = mt.mgicify(model, torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=4)
+    (d,) = gm.meta["mgic"].blocks
+    assert not d.rewritten and "frozen ('conv.weight' has requires_grad=False)" in d.reason
+    assert torch.equal(gm.conv.weight, model.conv.weight) and not gm.conv.weight.requires_grad

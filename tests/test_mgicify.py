@@ -4,6 +4,8 @@ For every model: the result lints, keeps the output shape, trains (every MGIC
 parameter gets a gradient), is smaller, and the input model is untouched.
 """
 
+import warnings
+
 import pytest
 import torch
 import torchvision
@@ -166,3 +168,122 @@ def test_a_declined_transition_unit_is_searched_inside():
     rewritten_on = {d.path for d in plans[True].rewritten}
     assert rewritten_off <= rewritten_on, rewritten_off - rewritten_on
     assert params[True] <= params[False]
+
+
+# regression B28: at a 32 px example input ResNet-18's layer4 is 1x1, so the global pool looked shape-preserving and
+# became part of the last block; at 64 px the coarsest level then broadcast (2,16,1,1) against (2,16,2,2) in silence
+def test_regression_small_example_input_does_not_let_a_block_swallow_the_global_pool():
+    torch.manual_seed(0)
+    small = mt.mgicify(torchvision.models.resnet18().eval(), torch.randn(1, 3, 32, 32)).eval()
+    for d in small.meta["mgic"].rewritten:
+        assert "avgpool" not in d.nodes and "avgpool" not in d.path, d
+    torch.manual_seed(0)
+    large = mt.mgicify(torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64)).eval()
+    assert [d.path for d in small.meta["mgic"].rewritten] == [d.path for d in large.meta["mgic"].rewritten]
+    large.load_state_dict(small.state_dict())  # same blocks, same parameters: the same network
+    x = torch.randn(2, 3, 64, 64)
+    shapes = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: shapes.append((args[0].shape, out.shape)))
+             for m in small.modules() if isinstance(m, MGICBlock)]
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), large(x))
+    for h in hooks:
+        h.remove()
+    assert shapes and all(a == b for a, b in shapes)  # every block is shape-preserving at 64 px too
+
+
+def test_a_model_that_runs_at_one_size_only_gets_a_note():
+    class FixedSize(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 3, padding=1)
+            self.conv = nn.Conv2d(16, 16, 3, padding=1)
+            self.head = nn.Linear(16 * 8 * 8, 4)
+
+        def forward(self, x):
+            x = self.stem(x)
+            x = x + self.conv(x)
+            return self.head(x.flatten(1))
+
+    gm = mt.mgicify(FixedSize(), torch.randn(1, 3, 8, 8), group_size=4, coarsest_width=4)
+    assert gm.meta["mgic"].rewritten
+    assert any("does not run at input 1x3x16x16" in n for n in gm.meta["mgic"].notes), gm.meta["mgic"].notes
+
+
+def _pad_to(sizes, x):
+    """Mutates its list argument, as torchvision's video Swin `_get_window_and_shift_size` does."""
+    for i in range(len(sizes)):
+        sizes[i] = min(sizes[i], x.shape[2 + i])
+    return sizes
+
+
+torch.fx.wrap("_pad_to")
+
+
+class _MutatesList(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        k = _pad_to([3, 3], x)
+        return x + self.conv(x) * (k[0] - 2)
+
+
+# regression B33: the shape pass handed an fx.wrap'd function fx's immutable_list (generated code passes a fresh
+# list), so swin3d_t failed with an InputError that blamed the input
+def test_regression_wrapped_function_may_mutate_its_list_argument():
+    x = torch.randn(1, 3, 8, 8)
+    gm = mt.mgicify(_MutatesList(), x, group_size=4, coarsest_width=4)
+    assert [d.path for d in gm.meta["mgic"].rewritten] == ["conv"]
+    assert gm(x).shape == (1, 16, 8, 8)
+
+
+@pytest.mark.slow
+def test_regression_swin3d_t_transforms():
+    torch.manual_seed(0)
+    model = torchvision.models.video.swin3d_t().eval()
+    x = torch.randn(1, 3, 8, 64, 64)
+    gm = mt.mgicify(model, x).eval()
+    assert gm.meta["mgic"].rewritten
+    with torch.no_grad():
+        assert gm(x).shape == model(x).shape
+
+
+class _InstanceNormUnit(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv, self.norm = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.InstanceNorm2d(16)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return x + self.norm(self.conv(x))
+
+
+# regression B34: a parameter-free InstanceNorm kept the original num_features in every level and warned on every
+# forward (33 times per RAFT encoder forward)
+def test_regression_parameter_free_instance_norm_takes_the_level_width():
+    x = torch.randn(1, 3, 8, 8)
+    gm = mt.mgicify(_InstanceNormUnit(), x, group_size=4, coarsest_width=4)
+    block = gm.get_submodule("conv")
+    assert [lvl.norm.num_features for lvl in block.levels] == list(gm.meta["mgic"].rewritten[0].levels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gm(x)
+
+
+# regression B37: hooks on the model, a traced-through container or a replaced layer silently stopped firing
+def test_regression_dropped_hooks_are_named():
+    from custom_models import Tiny
+
+    model = Tiny()
+    model.register_forward_hook(lambda m, a, o: None)
+    model.conv.register_forward_pre_hook(lambda m, a: None)  # replaced by the MGIC block
+    model.stem.register_forward_hook(lambda m, a, o: None)   # kept: still fires
+    with pytest.warns(UserWarning, match="hooks that do not fire") as record:
+        gm = mt.mgicify(model, torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=4)
+    message = str(next(w.message for w in record if "do not fire" in str(w.message)))
+    assert "the model itself (forward hook)" in message and "conv (forward pre-hook)" in message
+    assert "stem" not in message
+    assert any("do not fire" in n for n in gm.meta["mgic"].notes)

@@ -138,3 +138,110 @@ def test_a_graph_edit_that_reads_a_block_input_later_needs_fresh_marks():
         got = gm(x)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b)
+
+
+class _HookedStem(nn.Module):
+    """A kept layer (conv, or conv + in-place ReLU) whose output feeds two residual units."""
+
+    def __init__(self, inplace_relu: bool):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.act = nn.ReLU(inplace=True) if inplace_relu else None
+        self.a, self.b = nn.Conv2d(32, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1)
+        self.bn_a, self.bn_b = nn.BatchNorm2d(32), nn.BatchNorm2d(32)
+
+    def forward(self, x):
+        x = self.stem(x)
+        if self.act is not None:
+            x = self.act(x)
+        x = torch.relu(x + self.bn_a(self.a(x)))
+        return torch.relu(x + self.bn_b(self.b(x)))
+
+
+# regression B27: a forward hook on a kept layer saw the activation after the next MGIC block had added its
+# correction into it (overwrite_input under no_grad)
+@pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("hooked", ["stem", "act", "inside", "global"])
+def test_regression_hooks_see_the_values_their_layer_computed(hooked, no_grad):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    gm = mt.mgicify(_HookedStem(inplace_relu=hooked == "act").eval(), x, group_size=4, coarsest_width=8).eval()
+    assert len(gm.meta["mgic"].rewritten) == 2 and any(_marked(gm).values())
+
+    def run(mode, copy):
+        seen = {}
+
+        def hook(mod, args, out):  # keeps the tensors themselves, as feature extraction does
+            seen[f"{type(mod).__name__}{len(seen)}"] = [t.clone() if copy else t for t in (args[0], out)]
+
+        if hooked == "global":
+            handle = torch.nn.modules.module.register_module_forward_hook(hook)
+        else:  # "inside": R_0 of the second block reads that block's input
+            module = gm.get_submodule("b").restrict[0] if hooked == "inside" else gm.get_submodule(hooked)
+            handle = module.register_forward_hook(hook)
+        try:
+            with mode():
+                y = gm(x)
+        finally:
+            handle.remove()
+        return y, seen
+
+    want_y, want = run(torch.enable_grad, copy=True)  # autograd on: nothing is written in place
+    got_y, got = run(no_grad, copy=False)
+    assert want.keys() == got.keys() and want
+    for name in want:
+        for a, b in zip(got[name], want[name]):
+            torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(got_y, want_y)
+
+
+def test_without_hooks_the_block_still_overwrites_its_input():
+    """The inference-memory saving stays where nothing can see the tensor: the guard is true at such a call."""
+    from mgic_transform.nn.mgic_block import unobserved
+
+    gm = mt.mgicify(_HookedStem(inplace_relu=True).eval(), torch.randn(2, 3, 8, 8), group_size=4,
+                    coarsest_width=8).eval()
+    guards = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is unobserved]
+    assert len(guards) == 2
+    assert sorted(str(a.target) for a in guards[0].args) == ["act", "stem"]  # the chain that made the tensor
+    layers = [gm.get_submodule(str(a.target)) for a in guards[0].args]
+    with torch.no_grad():
+        assert unobserved(*layers)
+        handle = gm.stem.register_forward_pre_hook(lambda mod, args: None)
+        assert not unobserved(*layers)
+        handle.remove()
+    assert not unobserved(*layers)  # autograd on
+
+
+def test_marks_survive_save_load_and_remarking(tmp_path):
+    from mgic_transform.passes.ownership import mark_overwritable_inputs
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    gm = mt.mgicify(_HookedStem(inplace_relu=True).eval(), x, group_size=4, coarsest_width=8).eval()
+    n_nodes = len(gm.graph.nodes)
+    assert mark_overwritable_inputs(gm) == 2
+    assert len(gm.graph.nodes) == n_nodes  # old guards replaced, not piled up
+    gm.recompile()
+    torch.save(gm, tmp_path / "m.pt")
+    back = torch.load(tmp_path / "m.pt", weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), gm(x))
+
+
+def test_regression_folded_network_guards_the_conv_a_batchnorm_went_into():
+    """B27 after fold_batchnorm: the guard must name the conv that now makes the tensor, not the folded BN."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    gm = mt.mgicify(torchvision.models.resnet18(), x, group_size=16, coarsest_width=32).eval()
+    fast = mt.fold_batchnorm(gm)
+    conv = fast.get_submodule("layer2.0.conv1")  # its BN was folded; its output (after the in-place ReLU) feeds an MGIC block
+    runs = []
+    for mode, copy in ((torch.enable_grad, True), (torch.inference_mode, False)):
+        seen = []
+        handle = conv.register_forward_hook(lambda m, a, out: seen.append(out.clone() if copy else out))
+        with mode():
+            fast(x)
+        handle.remove()
+        runs.append(seen[0])
+    torch.testing.assert_close(runs[1], torch.relu(runs[0]))  # the model's own ReLU(inplace=True), and nothing else

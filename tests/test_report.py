@@ -361,3 +361,55 @@ def test_against_mgicify(build, shape, options):
     # what the report shows per block accounts for the whole change in parameters
     delta = sum(r.params_before - r.params_after for r in report.blocks)
     assert delta == report.params_before - report.params_after
+
+
+class _Count(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return x
+
+
+class _DictOut(nn.Module):
+    """A forward fvcore cannot trace (a dict with a Python int), that also counts its calls in a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.count = _Count()
+
+    def forward(self, x):
+        x = self.stem(self.count(x))
+        return {"out": x + self.bn(self.conv(x)), "stride": 1}
+
+
+def _hooks(model):
+    return [(n, len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()]
+
+
+# regression B30: a failed FLOP count left fvcore's scope hooks on both models (neither could be saved), and
+# compare() ran the user's forward, so a buffer updated in forward changed
+@pytest.mark.parametrize("model", [_DictOut, Net], ids=["flops_fail", "flops_ok"])
+def test_regression_compare_leaves_both_models_byte_identical(model, tmp_path):
+    import mgic_transform as mt
+
+    torch.manual_seed(0)
+    original = model().eval()
+    x = torch.randn(1, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # _DictOut's buffer update keeps it whole (a warning says so)
+        gm = mt.mgicify(original, x, group_size=4, coarsest_width=4)
+    before = [(m, {k: v.clone() for k, v in m.state_dict().items()}, _hooks(m)) for m in (original, gm)]
+    report = compare(original, gm)
+    if model is _DictOut:
+        assert report.flops_before is None and report.flops_after is None
+    for m, state, hooks in before:
+        now = m.state_dict()
+        assert state.keys() == now.keys() and all(torch.equal(state[k], now[k]) for k in state)
+        assert _hooks(m) == hooks
+        torch.save(m, tmp_path / "m.pt")  # fvcore's local hook objects would make this fail

@@ -1,7 +1,11 @@
 """Untraceable code: clear errors, and the two escape hatches (leaf modules, concrete_args)."""
 
+import re
+
 import pytest
 import torch
+import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 import mgic_transform as mt
@@ -108,3 +112,115 @@ def test_regression_in_place_statements_survive_dead_code_elimination():
     gm.graph.lint()
     assert "relu_()" in gm.code and "+=" in gm.code
     torch.testing.assert_close(gm(x), model(x))
+
+
+# --------------------------------------------------------------------------- state the graph cannot hold (B29)
+
+
+class _HandBN(nn.Module):
+    """A hand-written BatchNorm: its forward updates the running mean in place (train mode)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+        self.register_buffer("running_mean", torch.zeros(c))
+        self.register_buffer("running_var", torch.ones(c))
+
+    def forward(self, x):
+        if self.training:
+            self.running_mean.mul_(0.9).add_(0.1 * x.mean((0, 2, 3)).detach())
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, 1e-5)
+
+
+class _Teacher(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        with torch.no_grad():
+            return self.conv(x)
+
+
+class _Calls(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.seen = 0
+        self.feats = []
+
+    def forward(self, x):
+        self.calls += 1
+        self.seen += 1
+        self.feats.append(x)
+        return x
+
+
+class _Stateful(nn.Module):
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1), _HandBN(c)
+        self.teacher = _Teacher(c)
+        self.count = _Calls()
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        x = self.count(self.stem(x))
+        x = x + self.bn(self.conv(x)) + self.teacher(x)
+        return x + self.bn2(self.conv2(x))
+
+
+# regression B29: state updates in forward ran once at trace time and vanished from the result
+def test_regression_state_updates_in_forward_are_kept():
+    torch.manual_seed(0)
+    model = _Stateful().train()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match="kept whole") as record:
+        gm = mt.mgicify(model, x, group_size=4, coarsest_width=4)
+    message = str(next(w.message for w in record if "kept whole" in str(w.message)))
+    for path in ("'bn'", "'teacher'", "'count'"):
+        assert path in message, message
+    assert dict(gm.meta["state_leaves"]).keys() == {"bn", "teacher", "count"}
+    assert [d.path for d in gm.meta["mgic"].rewritten] == ["conv2"]  # the rest keeps its meaning
+    assert int(model.count.calls) == 0 and model.count.seen == 0 and model.count.feats == []  # input untouched
+    assert torch.equal(model.bn.running_mean, torch.zeros(16))
+    before = gm.bn.running_mean.clone()
+    gm(x).sum().backward()
+    assert not torch.equal(gm.bn.running_mean, before) and gm.bn.running_mean.grad_fn is None  # the update ran
+    assert gm.teacher.conv.weight.grad is None  # no_grad still holds
+    assert int(gm.count.calls) == 1 and gm.count.seen == 1 and len(gm.count.feats) == 1
+
+
+class _RootNoGrad(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        with torch.no_grad():
+            t = self.conv(x)
+        return x + t
+
+
+class _RootCounter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.steps = 0
+
+    def forward(self, x):
+        self.steps += 1
+        return self.stem(x)
+
+
+@pytest.mark.parametrize("model, what", [(_RootNoGrad, "grad mode"), (_RootCounter, "self.steps")])
+def test_regression_state_updates_in_the_models_own_forward_are_refused(model, what):
+    with pytest.raises(mt.MGICError, match=f"forward\\(\\) of {model.__name__} itself .*{re.escape(what)}.*leaf_modules"):
+        mt.mgicify(model(), torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=4)
+
+
+def test_plain_models_need_no_extra_leaves():
+    gm = mt.mgicify(torchvision.models.resnet18(), torch.randn(1, 3, 32, 32))
+    assert gm.meta["state_leaves"] == ()

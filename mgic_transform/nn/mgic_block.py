@@ -34,7 +34,32 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-__all__ = ["MGICBlock", "reference_forward"]
+__all__ = ["MGICBlock", "reference_forward", "unobserved"]
+
+
+def unobserved(*modules: nn.Module) -> bool:
+    """Can nothing outside the computation see the tensors these modules take or return, at this call?
+
+    True when autograd is off, no global forward (pre-)hook and no Python
+    dispatch or torch-function mode is active, and neither the modules nor any
+    of their submodules carries a forward hook or pre-hook. A hook on a layer
+    may keep the tensor the layer returns (feature extraction does), so that
+    tensor must not be written in place afterwards. Checked at every call, so
+    hooks registered after the transform count.
+    """
+    if torch.is_grad_enabled():
+        return False
+    from torch.nn.modules import module as _m
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    if _m._global_forward_hooks or _m._global_forward_pre_hooks or _get_current_dispatch_mode() is not None \
+            or torch._C._is_torch_function_mode_enabled():
+        return False
+    for module in modules:
+        for sub in module.modules():
+            if sub._forward_hooks or sub._forward_pre_hooks:
+                return False
+    return True
 
 
 def _writable(t: torch.Tensor, other: torch.Tensor) -> bool:
@@ -54,16 +79,19 @@ def _dense(t: torch.Tensor) -> bool:
             or (t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)))
 
 
-def _residual(y: torch.Tensor, restricted: torch.Tensor) -> torch.Tensor:
-    """The coarse-grid residual ``y - R_j x_j``, written into ``y`` where :func:`_writable` allows."""
-    return y.sub_(restricted) if _writable(y, restricted) else y - restricted
+def _residual(y: torch.Tensor, restricted: torch.Tensor, in_place: bool = True) -> torch.Tensor:
+    """The coarse-grid residual ``y - R_j x_j``, written into ``y`` where :func:`_writable` allows.
+
+    ``in_place=False`` (a hook could see ``y``: :func:`unobserved`) always allocates.
+    """
+    return y.sub_(restricted) if in_place and _writable(y, restricted) else y - restricted
 
 
-def _corrected(x: torch.Tensor, correction: torch.Tensor, may_overwrite_x: bool) -> torch.Tensor:
+def _corrected(x: torch.Tensor, correction: torch.Tensor, may_overwrite_x: bool, in_place: bool = True) -> torch.Tensor:
     """The corrected fine maps ``x_j + N_j(P_j(.))``, written into ``x`` (if the caller allows) or ``correction``."""
-    if may_overwrite_x and _writable(x, correction):
+    if in_place and may_overwrite_x and _writable(x, correction):
         return x.add_(correction)  # x_0 is dead once corrected: reuse its memory
-    if _writable(correction, x):
+    if in_place and _writable(correction, x):
         return correction.add_(x)
     return x + correction
 
@@ -118,23 +146,29 @@ class MGICBlock(nn.Module):
         map less at the inference peak). The transformed graph passes it where it
         has proved that nothing else reads ``x`` (``passes/ownership.py``); the
         default never writes into the caller's tensor.
+
+        Nothing is written in place while autograd is on, or while a hook (on
+        this block, any of its layers, or a global one) or a dispatch mode could
+        keep one of the tensors (:func:`unobserved`, checked per call).
         """
+        in_place = unobserved(self)
+        overwrite_input = overwrite_input and in_place
         if self.connector is not None:
             x = self.connector(x)
-            overwrite_input = True  # the connector's output is the block's own
+            overwrite_input = in_place  # the connector's output is the block's own
         xs = [x]
         for restrict in self.restrict:
             xs.append(restrict(xs[-1]))
         y = self.levels[-1](xs[-1].clone() if self.coarsest_mutates_input else xs[-1])
         for j in range(len(self.restrict) - 1, -1, -1):
             restricted = xs.pop()  # x_{j+1} = R_j x_j, kept from the way down
-            residual = _residual(y, restricted)
+            residual = _residual(y, restricted, in_place)
             del y, restricted  # the coarse maps are dead: release them before the finer level runs
             prolonged = self.prolong[j](residual)
             del residual  # before N_j runs: at most two full-width maps besides x_j
             correction = self.norms[j](prolonged)
             del prolonged
-            y = _corrected(xs[-1], correction, may_overwrite_x=j == 0 and overwrite_input)
+            y = _corrected(xs[-1], correction, may_overwrite_x=j == 0 and overwrite_input, in_place=in_place)
             del correction
             y = self.levels[j](y)
         return y

@@ -37,7 +37,7 @@ from torch import nn
 
 from ..layers import may_follow_as_tail
 from .channels import is_channel_mixing
-from .shapes import shape_of
+from .shapes import other_shape_of, same_shape, shape_of
 
 __all__ = ["Region", "find_blocks"]
 
@@ -187,7 +187,27 @@ def _has_mixing_layer(nodes: Iterable[torch.fx.Node], modules: dict[str, nn.Modu
 
 
 def _classify(entry: torch.fx.Node, exit: torch.fx.Node) -> Optional[str]:
-    a, b = shape_of(entry), shape_of(exit)
+    """``"equal"``, ``"transition"`` or ``None``; the same at the doubled spatial size, where that is known.
+
+    The spatial ratio of a transition must hold at both sizes too: a global pool
+    is not a stride-1 layer because the example's map happened to be 1x1.
+    """
+    kind = _kind(shape_of(entry), shape_of(exit))
+    a, b = other_shape_of(entry), other_shape_of(exit)
+    if kind is None or a is None or b is None:
+        return kind
+    if _kind(a, b) != kind:
+        return None
+    if kind == "transition" and _strides(shape_of(entry), shape_of(exit)) != _strides(a, b):
+        return None
+    return kind
+
+
+def _strides(a, b) -> list[int]:
+    return [max(1, round(x / max(y, 1))) for x, y in zip(a[2:], b[2:])]
+
+
+def _kind(a, b) -> Optional[str]:
     if a is None or b is None or len(a) != len(b) or len(a) < 2:
         return None
     if a == b:
@@ -205,7 +225,7 @@ def _extend_tail(nodes: list[torch.fx.Node], g: nx.DiGraph, output: torch.fx.Nod
         nxt = users[0]
         if nxt is output or nxt in taken or [a for a in nxt.all_input_nodes if a in g] != [cur]:
             return
-        if shape_of(nxt) != shape_of(cur):
+        if not same_shape(nxt, cur):  # at the doubled size too: not a pool that met a 1x1 map
             return
         if nxt.op == "call_module" and not may_follow_as_tail(modules[nxt.target]):
             return

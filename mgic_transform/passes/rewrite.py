@@ -69,6 +69,19 @@ def _unique_params(gm: torch.fx.GraphModule, region: Region) -> int:
     return sum(seen.values())
 
 
+def _frozen(gm: torch.fx.GraphModule, region: Region) -> Optional[str]:
+    """The first parameter of the block that does not train (a frozen block stays as it is)."""
+    for n in region.nodes:
+        if n.op == "call_module":
+            for name, p in gm.get_submodule(n.target).named_parameters():
+                if not p.requires_grad:
+                    return f"{n.target}.{name}"
+        for a in n.all_input_nodes:
+            if a.op == "get_attr" and isinstance(t := fetch_attr(gm, a.target), nn.Parameter) and not t.requires_grad:
+                return str(a.target)
+    return None
+
+
 def _node_tensors(gm: torch.fx.GraphModule, node: torch.fx.Node) -> dict[int, str]:
     """The weights a node reads: a layer's parameters/buffers, or the parameter a ``get_attr`` fetches."""
     if node.op == "call_module":
@@ -234,6 +247,10 @@ def _decide(gm: torch.fx.GraphModule, region: Region, opts: RewriteOptions, *, p
     shared = _shared_weights(gm, region, readers, erased)
     if shared:
         raise _Decline(Decline.SHARED_WEIGHTS, shared)
+    frozen = _frozen(gm, region)
+    if frozen:
+        raise _Decline(Decline.FROZEN, f"frozen ({frozen!r} has requires_grad=False): an MGIC block would start from "
+                                       f"random, trainable weights; unfreeze the block to rewrite it")
     return hier
 
 

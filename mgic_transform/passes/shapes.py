@@ -5,6 +5,13 @@ Results go to ``node.meta["tensor_meta"]``, fx's own key, in the form
 tuple of them for the tuple a ``chunk`` returns), so other fx passes can reuse
 them; :func:`shape_of` reads the shape of a tensor-valued node.
 
+A shape seen at one input size can be a coincidence: at 32 px a ResNet's last
+stage is 1x1, so its global average pool maps ``(N, C, 1, 1)`` to itself and
+looks shape-preserving. :func:`propagate_other_size` therefore runs the graph a
+second time with every spatial size doubled and keeps those shapes on
+``node.meta["shape_other"]``; the block search only trusts a shape relation that
+holds at both sizes (:func:`same_shape`).
+
 The graph runs on a *meta-device shadow* of the module (:func:`meta_copy`: same
 structure, parameters replaced by storage-less meta tensors, built without
 copying any weight), so no kernel ever runs and a 600M-parameter model is
@@ -26,7 +33,8 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from .._modcopy import copy_structure
 from ..errors import InputError, first_line
 
-__all__ = ["propagate_shapes", "run_fake", "run_meta", "meta_copy", "shape_of", "tensor_meta"]
+__all__ = ["propagate_shapes", "propagate_other_size", "run_fake", "run_meta", "meta_copy", "shape_of",
+           "tensor_meta", "other_shape_of", "same_shape"]
 
 
 def meta_copy(module: nn.Module) -> nn.Module:
@@ -43,8 +51,11 @@ def meta_copy(module: nn.Module) -> nn.Module:
     return shadow
 
 
-def run_meta(gm: torch.fx.GraphModule, inputs: Sequence[Any], *, shadow: nn.Module | None = None) -> Any:
+def run_meta(gm: torch.fx.GraphModule, inputs: Sequence[Any], *, shadow: nn.Module | None = None,
+             key: str = "tensor_meta") -> Any:
     """Execute ``gm``'s graph on meta tensors, annotating ``gm``'s nodes; fall back to fake tensors.
+
+    ``key="shape_other"`` records only the shape, under that key (:func:`propagate_other_size`).
 
     Raises ``_NodeFailure`` (carrying the node) when an op rejects its inputs.
     """
@@ -52,12 +63,29 @@ def run_meta(gm: torch.fx.GraphModule, inputs: Sequence[Any], *, shadow: nn.Modu
     shadow.eval()
     meta_inputs = [t.to("meta") if isinstance(t, torch.Tensor) else t for t in inputs]
     try:
-        interp = _FakeShapeProp(shadow, annotate=dict(zip(shadow.graph.nodes, gm.graph.nodes)), real_root=gm)
+        interp = _FakeShapeProp(shadow, annotate=dict(zip(shadow.graph.nodes, gm.graph.nodes)), real_root=gm, key=key)
         return interp.run(*meta_inputs)
     except _NodeFailure as failure:
         if "meta" not in str(failure.exc) and "device" not in str(failure.exc):
             raise
-    return run_fake(gm, inputs)
+    return run_fake(gm, inputs, key=key)
+
+
+def mutable_args(a: Any) -> Any:
+    """``a`` with fx's immutable lists and dicts replaced by fresh plain ones.
+
+    The generated code of a GraphModule builds a new list for every call
+    (``_get_window_and_shift_size([8, 7, 7], ...)``), and wrapped functions may
+    mutate it (torchvision's video Swin does); ``torch.fx.Interpreter`` hands
+    over the node's own ``immutable_list`` instead.
+    """
+    if isinstance(a, list):
+        return [mutable_args(x) for x in a]
+    if isinstance(a, dict):
+        return {k: mutable_args(v) for k, v in a.items()}
+    if type(a) is tuple:
+        return tuple(mutable_args(x) for x in a)
+    return a
 
 
 class _FakeShapeProp(torch.fx.Interpreter):
@@ -70,10 +98,15 @@ class _FakeShapeProp(torch.fx.Interpreter):
     """
 
     def __init__(self, module: torch.fx.GraphModule, annotate: dict | None = None,
-                 real_root: nn.Module | None = None) -> None:
+                 real_root: nn.Module | None = None, key: str = "tensor_meta") -> None:
         super().__init__(module)
         self.annotate = annotate or {}
         self.real_root = real_root
+        self.key = key
+
+    def fetch_args_kwargs_from_env(self, n: torch.fx.Node) -> tuple[tuple, dict]:
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        return mutable_args(args), mutable_args(kwargs)
 
     def run_node(self, n: torch.fx.Node) -> Any:
         try:
@@ -103,6 +136,9 @@ class _FakeShapeProp(torch.fx.Interpreter):
 
     def _record(self, n: torch.fx.Node, result: Any) -> Any:
         target = self.annotate.get(n, n)
+        if self.key == "shape_other":  # the second size (propagate_other_size): the shape alone
+            target.meta["shape_other"] = result.shape if isinstance(result, torch.Tensor) else None
+            return result
         tensors = []
 
         def extract(value: Any) -> Any:
@@ -126,7 +162,7 @@ class _NodeFailure(Exception):
         self.exc = exc
 
 
-def run_fake(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> Any:
+def run_fake(gm: torch.fx.GraphModule, inputs: Sequence[Any], *, key: str = "tensor_meta") -> Any:
     """Execute ``gm`` on fake versions of ``inputs``; fill ``node.meta``; return the fake output.
 
     Raises ``_NodeFailure`` (carrying the node) when an op rejects its inputs.
@@ -136,7 +172,7 @@ def run_fake(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> Any:
     shadow = copy_structure(gm, hooks=False).eval()  # private flags; the weights are shared, never written
     with mode:
         fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs]
-        return _FakeShapeProp(shadow, annotate=dict(zip(shadow.graph.nodes, gm.graph.nodes))).run(*fake)
+        return _FakeShapeProp(shadow, annotate=dict(zip(shadow.graph.nodes, gm.graph.nodes)), key=key).run(*fake)
 
 
 def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None:
@@ -155,6 +191,28 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) ->
         ) from failure.exc
 
 
+def propagate_other_size(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> str | None:
+    """Annotate every node with ``meta["shape_other"]``: its shape when every spatial size is doubled.
+
+    Spatial sizes are the dimensions after the first two of every tensor input
+    with three or more dimensions. Returns ``None`` on success or when there is
+    nothing to vary; the reason when the model rejects the doubled size (then no
+    node has ``shape_other`` and shapes are trusted at the example size alone).
+    """
+    others = [t.new_empty(*t.shape[:2], *(2 * s for s in t.shape[2:]), device="meta")
+              if isinstance(t, torch.Tensor) and t.dim() >= 3 else t for t in example_inputs]
+    if not any(isinstance(t, torch.Tensor) and t.dim() >= 3 for t in example_inputs):
+        return None
+    try:
+        run_meta(gm, others, key="shape_other")
+    except Exception as exc:  # noqa: BLE001 - any rejection means: this model runs at one size only
+        for node in gm.graph.nodes:
+            node.meta.pop("shape_other", None)
+        shape = ", ".join("x".join(map(str, t.shape)) for t in others if isinstance(t, torch.Tensor))
+        return f"the model does not run at input {shape} ({type(exc).__name__})"
+    return None
+
+
 def tensor_meta(t: torch.Tensor) -> TensorMetadata:
     """fx's ``TensorMetadata`` of ``t``, as :class:`~torch.fx.passes.shape_prop.ShapeProp` records it."""
     formats = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
@@ -166,3 +224,18 @@ def shape_of(node: Any) -> torch.Size | None:
     """The propagated shape of an fx node (``None`` if not a tensor-valued node)."""
     meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
     return meta.shape if isinstance(meta, TensorMetadata) else None
+
+
+def other_shape_of(node: Any) -> torch.Size | None:
+    """The node's shape at the doubled spatial size (:func:`propagate_other_size`), if known."""
+    if isinstance(node, torch.fx.Node):
+        return node.meta.get("shape_other")
+    return None
+
+
+def same_shape(a: Any, b: Any) -> bool:
+    """Do two nodes have the same shape at the example size, and at the doubled size where that is known?"""
+    if shape_of(a) != shape_of(b):
+        return False
+    oa, ob = other_shape_of(a), other_shape_of(b)
+    return oa is None or ob is None or oa == ob

@@ -160,6 +160,12 @@ class _Reinstantiate(torch.fx.Interpreter):
         self.node = n
         return super().run_node(n)
 
+    def fetch_args_kwargs_from_env(self, n: torch.fx.Node) -> tuple[tuple, dict]:
+        from ..passes.shapes import mutable_args  # fresh lists, as the generated code passes them
+
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        return mutable_args(args), mutable_args(kwargs)
+
     def call_module(self, target: str, args: Any, kwargs: Any) -> Any:
         mod = self.fetch_attr(target)
         x = args[0]
@@ -247,8 +253,11 @@ def _replay(block: torch.fx.GraphModule, spec: LevelSpec, shape: list[int], widt
     if not isinstance(out, torch.Tensor) or list(out.shape) != shape:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise VariantError(f"at width {spec.width} the block maps {tuple(shape)} to {got}, not to itself")
+    # weightless layers come from the block itself, unless the level needs another configuration
+    # (a parameter-free InstanceNorm's num_features)
     modules = {k: v for k, v in interp.new_attrs.items()
-               if isinstance(v, nn.Module) and (has_weights(v) or type(v) is not type(block.get_submodule(k)))}
+               if isinstance(v, nn.Module) and (has_weights(v) or type(v) is not type(block.get_submodule(k))
+                                                or repr(v) != repr(block.get_submodule(k)))}
     tensors = tuple(k for k, v in interp.new_attrs.items() if not isinstance(v, nn.Module))
     return _Recipe(modules, tensors, interp.sizes, mutates_input=x._version > 0)
 
