@@ -399,6 +399,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     started = load_line()
     print(f"# {machine_line()}; {started}", file=sys.stderr)
     results, cases = [], []
+    total = len(args.models) * len(rules) * len(args.formats) * len(args.threads)
+    name = "speed" + ("_transitions" if args.transitions else "") + ("_cuda" if args.device.type == "cuda" else "") + ".md"
+    path = RESULTS / name
     for name in args.models:
         torch.manual_seed(0)
         orig = torchvision.models.get_model(name, weights=None)
@@ -411,11 +414,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                     print(f"  {threads} thread(s), {fmt}", file=sys.stderr, flush=True)
                     rows, before, after = run_setting(case, threads, fmt, args)
                     results.append((case, threads, fmt, rows, before, after))
+                    if args.write:  # a long run that is cut short still leaves its finished tables
+                        partial = f"- **partial run**: {len(results)} of {total} settings so far\n"
+                        md = to_markdown(results, cases, args, started).replace("\n\n| model |", "\n" + partial + "\n| model |", 1)
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        path.write_text(md)
             for m in case.nets.values():
                 m.cpu()
-    md = to_markdown(results, cases, args, started)
-    name = "speed" + ("_transitions" if args.transitions else "") + ("_cuda" if args.device.type == "cuda" else "") + ".md"
-    emit(md, RESULTS / name if args.write else None)
+    emit(to_markdown(results, cases, args, started), path if args.write else None)
     return 0
 
 
