@@ -55,6 +55,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--threads", type=int, nargs="+", default=None, help=f"default 1 {cores}")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default 1 8")
     p.add_argument("--rounds", type=int, default=None, help="default 6")
+    p.add_argument("--rule", default="paper", help="mgicify's hierarchy rule (paper or compact)")
     p.add_argument("--peer", action="store_true", help="also the Torch-Pruning peer at the MGIC FLOPs (one more compile each)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="mobilenet_v3_large, 1 thread, batch 1, 2 rounds")
@@ -73,7 +74,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         torch.manual_seed(0)
         orig = torchvision.models.get_model(name, weights=None).eval()
         example = torch.zeros(1, 3, 224, 224)
-        gm = mt.mgicify(orig, example, group_size=s_g, coarsest_width=s_c).eval()
+        gm = mt.mgicify(orig, example, group_size=s_g, coarsest_width=s_c, rule=args.rule).eval()
         nets = {"original": orig, "MGIC": gm}
         if args.peer:
             nets["pruned peer"] = pruned_to_flops(orig, example, mt.compare(orig, gm, example).flops_ratio)
@@ -116,7 +117,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"- machine: {machine_line()}" + (f"; GPU {torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else ""),
         f"- code: {code_version()}",
         f"- load: {started} at start, {load_line()} at end; per row below (at the start of that row's compile)",
-        f"- every network BN-folded (`mt.fold_batchnorm`), eval, inference_mode, NCHW, 224x224; medians of {args.rounds} "
+        f"- MGIC: s_g / s_c as in speed.py, rule {args.rule}; every network BN-folded (`mt.fold_batchnorm`), eval, inference_mode, NCHW, 224x224; medians of {args.rounds} "
         "interleaved rounds of every network, eager and compiled; compile s = wall time of the first call "
         "(dynamo + inductor, `dynamic=False`, one compile per batch size); compiled outputs checked against eager (< 1e-4)",
         "",

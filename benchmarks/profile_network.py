@@ -84,6 +84,7 @@ def categories(ops: dict[str, tuple[int, float]]) -> dict[str, float]:
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=sorted(CASES), default="resnet50")
+    p.add_argument("--rule", default="paper", help="mgicify's hierarchy rule (paper or compact)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--format", choices=sorted(FORMATS), default="nchw")
     p.add_argument("--batch", type=int, default=8)
@@ -100,7 +101,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     s_g, s_c = CASES[args.model]
     torch.manual_seed(0)
     orig = torchvision.models.get_model(args.model, weights=None)
-    gm = mt.mgicify(orig, torch.zeros(1, 3, 224, 224), group_size=s_g, coarsest_width=s_c)
+    gm = mt.mgicify(orig, torch.zeros(1, 3, 224, 224), group_size=s_g, coarsest_width=s_c, rule=args.rule)
     nets: dict[str, nn.Module] = {"orig": orig.to(memory_format=fmt), "mgic": gm.to(memory_format=fmt)}
     x = torch.randn(args.batch, 3, 224, 224).contiguous(memory_format=fmt)
     y = torch.randint(0, 1000, (args.batch,))
@@ -130,7 +131,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"- code: {code_version()}",
         f"- load: {started} at start, {load_line()} at end (a 2-thread op waits at its barrier whenever another job "
         "holds a core: on a loaded machine these times measure the scheduler as much as the kernels)",
-        f"- {args.model}, s_g={s_g}, s_c={s_c}; batch {args.batch}x3x224x224, {args.format}; self CPU time per run, "
+        f"- {args.model}, s_g={s_g}, s_c={s_c}, rule {args.rule}; batch {args.batch}x3x224x224, {args.format}; self CPU time per run, "
         f"averaged over {args.reps} profiled runs after one warm-up",
         "",
         "## By kind of op", "", *cat_rows,

@@ -407,20 +407,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         orig = torchvision.models.get_model(name, weights=None)
         for rule in rules:
             print(f"{name}, rule {rule} ...", file=sys.stderr, flush=True)
-            case = build_case(name, rule, args, orig)
-            cases.append(case)
-            for fmt in args.formats:
-                for threads in args.threads:
-                    print(f"  {threads} thread(s), {fmt}", file=sys.stderr, flush=True)
-                    rows, before, after = run_setting(case, threads, fmt, args)
-                    results.append((case, threads, fmt, rows, before, after))
-                    if args.write:  # a long run that is cut short still leaves its finished tables
-                        partial = f"- **partial run**: {len(results)} of {total} settings so far\n"
-                        md = to_markdown(results, cases, args, started).replace("\n\n| model |", "\n" + partial + "\n| model |", 1)
-                        path.parent.mkdir(parents=True, exist_ok=True)
-                        path.write_text(md)
-            for m in case.nets.values():
-                m.cpu()
+            cases.append(build_case(name, rule, args, orig))
+    # Settings in order of what a run cut short should already have: every case at the first format and thread
+    # count before any case at the next.
+    for fmt in args.formats:
+        for threads in args.threads:
+            for case in cases:
+                print(f"{case.model}, rule {case.rule}: {threads} thread(s), {fmt}", file=sys.stderr, flush=True)
+                rows, before, after = run_setting(case, threads, fmt, args)
+                results.append((case, threads, fmt, rows, before, after))
+                if args.write:  # a long run that is cut short still leaves its finished tables
+                    partial = f"- **partial run**: {len(results)} of {total} settings so far\n"
+                    md = to_markdown(results, cases, args, started).replace("\n\n| model |", "\n" + partial + "\n| model |", 1)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(md)
     emit(to_markdown(results, cases, args, started), path if args.write else None)
     return 0
 
