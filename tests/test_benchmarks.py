@@ -76,3 +76,11 @@ def test_compress_trained_quick_runs_every_arm():
         mean = float(r[1].split("±")[0])
         assert 0.0 <= mean <= 100.0
     assert out.count("-> arms B and C use") == 2
+
+
+def test_profile_network_quick_compares_the_two_networks_op_by_op():
+    out = run(["benchmarks/profile_network.py", "--quick", "--threads", "1"])
+    kinds = {r[0]: r for r in rows(out, "") if len(r) == 5 and r[0] in ("convolution", "batch norm")}
+    assert set(kinds) == {"convolution", "batch norm"} and all(float(c) > 0 for r in kinds.values() for c in r[1:])
+    (total_inf, total_train) = [r for r in rows(out, "**all ops**")]
+    assert int(total_inf[4]) > int(total_inf[1]) > 0  # the MGIC network runs more ops than the original
