@@ -1,4 +1,4 @@
-"""The torch.compile inference path: how much faster, and what does compiling cost? (issue 13)
+"""The torch.compile inference path: how much faster, and what does compiling cost?
 
 An MGIC network runs ~3x more, smaller ops than the original, and about half of
 its inference time at 2 threads is memory-bound element-wise work (BatchNorm,

@@ -1,4 +1,4 @@
-"""Ablation: ``PointwiseConv2d`` without the per-image weight copy of ``torch.matmul`` (issue 13).
+"""Ablation: ``PointwiseConv2d`` without the per-image weight copy of ``torch.matmul``.
 
 ``torch.matmul(w[G, o, i], x[N, G, i, P])`` broadcasts the weight over the batch
 by materialising ``w.expand(N, G, o, i)`` (``aten::copy_``, one per grouped 1x1

@@ -1,4 +1,4 @@
-"""Where does the whole network's time go, op by op, at a given thread count? (issue 13)
+"""Where does the whole network's time go, op by op, at a given thread count?
 
 ``torch.profiler`` per-op tables (``key_averages``, self CPU time) for one
 inference forward of the original network and of its MGIC version side by side,

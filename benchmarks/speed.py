@@ -1,4 +1,4 @@
-"""Speed and memory of original vs MGIC vs a pruned peer, at the settings users run (issues 5.3 / 5.4 / 13).
+"""Speed and memory of original vs MGIC vs a pruned peer, at the settings users run.
 
 Cases (torchvision, random init):
 
@@ -353,7 +353,7 @@ def to_markdown(results: list, cases: list[Case], args: argparse.Namespace, star
                    f"(x{fa / fb:.3f}) / {fp / 1e9:.3f}G (x{fp / fb:.3f}) | {c.info['transform_s']:.1f} | "
                    f"{c.info['prune_s']:.1f} |")
     cores = os.cpu_count() or 1
-    out += ["", "## Targets (issue 13)", "", *targets(results, cores)]
+    out += ["", "## Targets", "", *targets(results, cores)]
     for case, threads, fmt, rows, before, after in results:
         out += ["", f"## {case.model}, rule {case.rule.split(' ')[0]}, {threads} thread{'s' if threads > 1 else ''}, {fmt}",
                 "", f"{before} before, {after} after", "", *table(rows)]
