@@ -43,7 +43,14 @@ def machine_line() -> str:
 
 
 def code_version() -> str:
-    """The commit of the repository, and whether ``mgic_transform/`` has uncommitted edits."""
+    """The commit of the repository, and whether ``mgic_transform/`` has uncommitted edits, *when the script started*.
+
+    Read once, at import: a long run must name the code it imported, not a commit made while it ran.
+    """
+    return _CODE_VERSION
+
+
+def _read_code_version() -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -53,6 +60,9 @@ def code_version() -> str:
     except OSError:
         return "unknown commit"
     return f"commit {head}" + (" + uncommitted edits in mgic_transform/" if dirty else "")
+
+
+_CODE_VERSION = _read_code_version()
 
 
 def load_line() -> str:

@@ -245,6 +245,7 @@ def mgicify(
     leaf_modules: Iterable[LeafSpec] = (),
     concrete_args: Optional[dict[str, Any]] = None,
     init: str = "scratch",
+    checkpoint: bool = False,
 ) -> torch.fx.GraphModule:
     """Rewrite the equal-width blocks of ``model`` into multigrid-in-channels blocks.
 
@@ -285,6 +286,11 @@ def mgicify(
             parts at the grouped levels; see :mod:`mgic_transform.passes.inherit`),
             for compressing a trained model; ``BlockDecision.init`` records per
             layer whether it inherited or fell back to scratch, and why.
+        checkpoint: activation checkpointing per MGIC block while training (autograd on):
+            each block keeps only its input and recomputes the rest in the backward
+            pass, trading compute for training memory; BatchNorm running statistics
+            are updated once per step as without it (``nn/checkpointing.py``). Set
+            ``block.checkpoint`` on a single block to choose per block.
 
     Returns:
         A trainable ``torch.fx.GraphModule``. ``gm.meta["mgic"]`` is an
@@ -300,6 +306,8 @@ def mgicify(
                 else "pass the model object (an nn.Module instance)")
         raise InputError(f"mgicify expects an nn.Module, got {type(model).__name__}. Hint: {hint}.")
     _check_plain_module(model)
+    if not isinstance(checkpoint, bool):
+        raise ConfigError(f"checkpoint must be True or False, got {checkpoint!r}. Hint: mgicify(model, checkpoint=True).")
     if init not in ("scratch", "inherit"):
         raise ConfigError(f"init must be 'scratch' or 'inherit', got {init!r}. Hint: init='inherit' builds the MGIC "
                           f"blocks from the trained weights of model.")
@@ -307,7 +315,7 @@ def mgicify(
     if target is not None:
         return _mgicify_to_budget(model, example_inputs, target, dict(
             skip=skip, transitions=transitions, rule=rule, leaf_modules=tuple(leaf_modules), concrete_args=concrete_args,
-            init=init))
+            init=init, checkpoint=checkpoint))
     group_size = 32 if group_size is None else _check_positive_int("group_size", group_size)
     coarsest_width = group_size if coarsest_width is None else _check_positive_int("coarsest_width", coarsest_width)
     skip = _normalise_skip(skip)
@@ -348,6 +356,9 @@ def mgicify(
     _drop_unreferenced_tensors(gm)
     own_tensors(gm, keep=lambda m: isinstance(m, MGICBlock))  # private copies of the kept original weights
     _copy_training_flags(model, gm)
+    for module in gm.modules():
+        if isinstance(module, MGICBlock):
+            module.checkpoint = checkpoint
 
     unused = [p for p in skip if not any(d.skip_pattern == p for d in decisions)]
     if unused:

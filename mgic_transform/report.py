@@ -425,7 +425,7 @@ def count_flops(model: nn.Module, inputs: ExampleInputs) -> FlopCount:
         with eval_mode(model), torch.no_grad():
             analysis = (
                 FlopCountAnalysis(model, inputs)
-                .set_op_handle("aten::matmul", _matmul_flops)
+                .set_op_handle("aten::matmul", _matmul_flops, "aten::bmm", _matmul_flops)  # bmm: also with out=
                 .unsupported_ops_warnings(False)
                 .uncalled_modules_warnings(False)
             )
@@ -446,6 +446,8 @@ def _matmul_flops(inputs: list[Any], outputs: list[Any]) -> int:
     fvcore's own formula multiplies the *first* operand's size by the last dimension,
     which misses a batch that only the second operand has (``W[G, o, i] @ x[N, G, i, P]``,
     the grouped 1x1 convolution of :class:`~mgic_transform.nn.transfer.PointwiseConv2d`).
+    Also used for ``bmm``, whose fvcore formula rejects the ``out=`` form that
+    ``PointwiseConv2d`` uses per image without autograd.
     """
     from fvcore.nn.jit_handles import get_shape
 

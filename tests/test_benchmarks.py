@@ -32,14 +32,25 @@ def rows(out: str, first_cell: str) -> list[list[str]]:
             if line.startswith(f"| {first_cell}")]
 
 
-def test_speed_quick_measures_both_models_of_a_case():
+def test_speed_quick_measures_every_column_of_a_setting():
     out = run(["benchmarks/speed.py", "--quick", "--models", "mobilenet_v3_large"])
-    lines = {r[1]: r for r in rows(out, "mobilenet_v3_large") if len(r) == 6}
+    assert "## mobilenet_v3_large, rule " in out and ", 1 thread, nchw" in out
+    assert "no GPU figure exists yet" in out
+    lines = {r[0]: r for r in rows(out, "") if len(r) == 9}
     for what in ("inference latency, batch 1", "peak memory, inference batch 1", "training step, batch 2",
-                 "inference latency, batch 1, both BN-folded"):
+                 "peak memory, training step batch 2", "inference latency, batch 1, BN-folded"):
         assert what in lines, sorted(lines)
-        orig, mgic, ratio = (float(re.match(r"[\d.]+", c).group()) for c in lines[what][2:5])
-        assert orig > 0 and mgic > 0 and ratio == pytest.approx(mgic / orig, abs=0.01)
+        cells = lines[what][1:5]  # original, MGIC, MGIC ckpt, pruned peer
+        training = what.startswith(("training", "peak memory, training"))
+        assert (cells[2] != "-") == training  # the checkpointed network differs only while autograd records
+        orig, mgic, peer = (float(re.match(r"[\d.]+", c).group()) for c in (cells[0], cells[1], cells[3]))
+        assert orig > 0 and mgic > 0 and peer > 0
+        assert float(lines[what][5]) == pytest.approx(mgic / orig, abs=0.01)
+        assert float(lines[what][7]) == pytest.approx(mgic / peer, abs=0.01)
+    # the peer is pruned to at most the MGIC network's FLOPs
+    (model_row,) = [r for r in rows(out, "mobilenet_v3_large") if len(r) == 8]
+    mgic_x, peer_x = (float(v) for v in re.findall(r"\(x([\d.]+)\)", model_row[5]))
+    assert peer_x <= mgic_x + 0.02
 
 
 def test_profile_ablation_checks_every_variant_against_the_package():
@@ -65,3 +76,11 @@ def test_compress_trained_quick_runs_every_arm():
         mean = float(r[1].split("±")[0])
         assert 0.0 <= mean <= 100.0
     assert out.count("-> arms B and C use") == 2
+
+
+def test_profile_network_quick_compares_the_two_networks_op_by_op():
+    out = run(["benchmarks/profile_network.py", "--quick", "--threads", "1"])
+    kinds = {r[0]: r for r in rows(out, "") if len(r) == 5 and r[0] in ("convolution", "batch norm")}
+    assert set(kinds) == {"convolution", "batch norm"} and all(float(c) > 0 for r in kinds.values() for c in r[1:])
+    (total_inf, total_train) = [r for r in rows(out, "**all ops**")]
+    assert int(total_inf[4]) > int(total_inf[1]) > 0  # the MGIC network runs more ops than the original

@@ -110,7 +110,8 @@ def test_parameter_count_matches_formula_3_5():
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize(
     "dims, groups, shape",
-    [(2, 4, (3, 16, 5, 7)), (2, 1, (3, 16, 5, 7)), (2, 4, (16, 5, 7)), (1, 8, (2, 16, 9)), (3, 2, (2, 16, 3, 4, 5))],
+    [(2, 4, (3, 16, 5, 7)), (2, 1, (3, 16, 5, 7)), (2, 4, (16, 5, 7)), (2, 4, (1, 16, 5, 7)), (1, 8, (2, 16, 9)),
+     (3, 2, (2, 16, 3, 4, 5))],
 )
 def test_pointwise_conv_computes_the_grouped_1x1_convolution(dims, groups, shape, bias):
     """Forward *and* both gradients equal ``F.conv{1,2,3}d`` with the same weights (batched and unbatched)."""
@@ -126,6 +127,22 @@ def test_pointwise_conv_computes_the_grouped_1x1_convolution(dims, groups, shape
     grads_ref = torch.autograd.grad(y_ref, [x, ref.weight], g)
     for a, b in zip(grads_fast, grads_ref):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad", "frozen"])
+@pytest.mark.parametrize("dims, shape", [(2, (1, 16, 5, 7)), (2, (3, 16, 5, 7)), (2, (16, 5, 7)), (1, (4, 16, 9))])
+def test_pointwise_conv_without_autograd_is_the_grouped_1x1_convolution(dims, shape, mode):
+    """The per-image ``bmm`` path (no weight copy) taken without autograd computes the same."""
+    torch.manual_seed(0)
+    fast = POINTWISE_BY_DIMS[dims](16, 8, 4, bias=True)
+    ref = CONV_BY_DIMS[dims](16, 8, 1, groups=4, bias=True)
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(*shape)
+    ctx = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad, "frozen": torch.enable_grad}[mode]
+    if mode == "frozen":  # autograd on, but nothing requires grad
+        fast.requires_grad_(False)
+    with ctx():
+        torch.testing.assert_close(fast(x), ref(x))
 
 
 def test_pointwise_conv_to_conv_is_the_same_layer():

@@ -34,6 +34,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .checkpointing import checkpoint_wanted, run_checkpointed
+
 __all__ = ["MGICBlock", "reference_forward", "unobserved"]
 
 
@@ -109,6 +111,9 @@ class MGICBlock(nn.Module):
         coarsest_mutates_input: whether ``levels[-1]`` writes into its input in place
             (``x += f(x)`` in the block's code). The input is then a copy, because
             ``x_L = R x`` is needed again for the coarse-grid residual ``y - x_L``.
+        checkpoint: while autograd records, keep only the block's input and recompute its
+            activations in the backward pass (``nn/checkpointing.py``); settable per block
+            (``block.checkpoint = True``), and for every block by ``mgicify(..., checkpoint=True)``.
     """
 
     def __init__(
@@ -120,6 +125,7 @@ class MGICBlock(nn.Module):
         connector: Optional[nn.Module] = None,
         *,
         coarsest_mutates_input: bool = False,
+        checkpoint: bool = False,
     ) -> None:
         super().__init__()
         if not (len(levels) == len(restrict) + 1 == len(prolong) + 1 == len(norms) + 1):
@@ -133,6 +139,7 @@ class MGICBlock(nn.Module):
         self.prolong = nn.ModuleList(prolong)
         self.norms = nn.ModuleList(norms)
         self.coarsest_mutates_input = coarsest_mutates_input
+        self.checkpoint = checkpoint
 
     @property
     def num_levels(self) -> int:
@@ -151,6 +158,8 @@ class MGICBlock(nn.Module):
         this block, any of its layers, or a global one) or a dispatch mode could
         keep one of the tensors (:func:`unobserved`, checked per call).
         """
+        if getattr(self, "checkpoint", False) and checkpoint_wanted():  # getattr: blocks pickled before the flag
+            return run_checkpointed(self, x, overwrite_input)
         in_place = unobserved(self)
         overwrite_input = overwrite_input and in_place
         if self.connector is not None:

@@ -1,0 +1,29 @@
+"""The documented inference path ``torch.compile(mt.fold_batchnorm(gm))`` captures an MGIC network whole.
+
+Dynamo only (``torch._dynamo.explain``, no inductor, no C++ compiler): a graph break
+inside ``MGICBlock.forward`` (e.g. from the checkpointing switch) would split every
+block into several compiled pieces with Python in between, and inductor could no
+longer fuse across them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+
+import mgic_transform as mt
+from test_checkpoint import DropNet
+
+
+@pytest.mark.slow  # dynamo tracing, ~10-50 s on two shared cores
+def test_folded_mgic_network_compiles_without_graph_breaks():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    gm = mt.mgicify(DropNet(), torch.zeros(1, 3, 12, 12), group_size=8, coarsest_width=8, checkpoint=True).eval()
+    fast = mt.fold_batchnorm(gm)
+    x = torch.randn(2, 3, 12, 12)
+    with torch.inference_mode():
+        explanation = torch._dynamo.explain(fast)(x)
+        assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
+        torch.testing.assert_close(torch.compile(fast, backend="eager")(x), gm(x), rtol=1e-4, atol=1e-5)
