@@ -621,6 +621,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--tune", action="store_true", help="only the original at --tune-lrs (validation accuracy decides)")
     p.add_argument("--tune-lrs", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 1 epoch, 256 samples, one point per arm")
+    p.add_argument("--report-only", action="store_true", help="train nothing: render what the cache holds")
     p.add_argument("--write", action="store_true", help="write accuracy_per_parameter.md (and .png) into --out")
     args = p.parse_args(argv)
     args.notes = []
@@ -633,7 +634,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
     load_start, wall, args.version = load_line(), time.perf_counter(), code_version()
-    run_all(args)
+    if not args.report_only:
+        run_all(args)
     md = report(args, time.perf_counter() - wall, load_start)
     print(md)
     if args.write:
