@@ -622,9 +622,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--tune-lrs", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 1 epoch, 256 samples, one point per arm")
     p.add_argument("--report-only", action="store_true", help="train nothing: render what the cache holds")
+    p.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
     p.add_argument("--write", action="store_true", help="write accuracy_per_parameter.md (and .png) into --out")
     args = p.parse_args(argv)
-    args.notes = []
+    args.notes = list(args.note)
     if args.quick:
         args.seeds = args.seeds[:1]
     return args
