@@ -131,7 +131,9 @@ class Task:
     n_train: int
     n_val: int
     thin: tuple[float, ...]                  # width multipliers (1.0 = the original)
-    mgic: tuple[tuple[int, int], ...]        # (s_g, s_c), the middle one also gets the init ablation
+    # (s_g, s_c), the middle one also gets the init ablation. (4, 8) was planned too, and dropped to fit
+    # the hour on the shared machine (load ~11 on 2 cores: an MGIC run took ~200 s there).
+    mgic: tuple[tuple[int, int], ...]
     batch: int = 64
     weight_decay: float = 5e-4
     shift: int = 0                           # +-pixels of random shift (2D only)
@@ -153,9 +155,9 @@ class Task:
 
 TASKS = {
     "mnist1d": Task("mnist1d", epochs=20, lr=0.1, n_train=1200, n_val=600,
-                    thin=(0.375, 0.5, 0.625, 0.75, 1.0), mgic=((16, 16), (8, 16), (4, 8))),
+                    thin=(0.375, 0.5, 0.625, 0.75, 1.0), mgic=((16, 16), (8, 16))),
     "digits": Task("digits", epochs=20, lr=0.1, n_train=300, n_val=300, shift=1,
-                   thin=(0.5, 0.625, 0.75, 1.0), mgic=((16, 16), (8, 16), (4, 8))),
+                   thin=(0.5, 0.625, 0.75, 1.0), mgic=((16, 16), (8, 16))),
 }
 
 
