@@ -8,8 +8,9 @@ What it measures
       multiplier 1 is the original);
     * **mgic**: ``mgicify(original, rule=..., group_size=s_g, coarsest_width=s_c)`` over
       several ``(s_g, s_c)``, once with the paper's initialisation of the new layers (R/P
-      positive and row-stochastic, ``N_j.weight = 1``; the compiler's default when this was
-      written) and once with ``N_j.weight = 0`` and R/P under PyTorch's default conv init.
+      positive and row-stochastic, ``N_j.weight = 1``; the compiler's default until this study)
+      and once with ``N_j.weight = 0`` and R/P under PyTorch's default conv init (the compiler's
+      default since, on this study's evidence).
       The two other combinations are run at the middle ``(s_g, s_c)`` only (issue 11 item 4);
     * **pruned-init**: Torch-Pruning (DepGraph ``MetaPruner``, ``GroupMagnitudeImportance(p=2)``,
       uniform ratio, classifier ignored) applied to the freshly initialised original, with
