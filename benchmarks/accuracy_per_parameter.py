@@ -503,13 +503,14 @@ def fmt_n(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
 
 
-def thin_at(pts: list[Point], params: int, what: str = "test") -> Optional[float]:
-    """The thin curve's accuracy at ``params``, linear in log(params) between its neighbours (None outside)."""
-    thin = sorted((p for p in pts if p.arm == "thin"), key=lambda p: p.params)
+def thin_at(pts: list[Point], x: int, attr: str = "params") -> Optional[float]:
+    """The thin curve's test accuracy at ``x`` parameters (or FLOPs), linear in log(x) between neighbours."""
+    thin = sorted((p for p in pts if p.arm == "thin"), key=lambda p: getattr(p, attr))
     for a, b in zip(thin, thin[1:]):
-        if a.params <= params <= b.params:
-            t = (math.log(params) - math.log(a.params)) / (math.log(b.params) - math.log(a.params))
-            return a.mean(what) + t * (b.mean(what) - a.mean(what))
+        xa, xb = getattr(a, attr), getattr(b, attr)
+        if xa <= x <= xb:
+            t = (math.log(x) - math.log(xa)) / (math.log(xb) - math.log(xa))
+            return a.mean() + t * (b.mean() - a.mean())
     return None
 
 
@@ -525,14 +526,17 @@ def table(pts: list[Point]) -> str:
 
 def pareto_lines(pts: list[Point]) -> list[str]:
     """For every MGIC point: the thin curve at its parameter count, and the baselines that dominate it."""
-    out = ["| MGIC point | params | test acc. | thin at same params (interp.) | difference | baseline points with <= params and >= test acc. |",
-           "|---|--:|--:|--:|--:|---|"]
+    out = ["| MGIC point | params | test acc. | thin at same params (interp.) | difference | thin at same FLOPs | "
+           "difference | baseline points with <= params and >= mean test acc. |",
+           "|---|--:|--:|--:|--:|--:|--:|---|"]
     base = [p for p in pts if p.arm in ("thin", "pruned-init", "pruned-trained")]
+    f = lambda v, sign="": "-" if v is None else f"{v:{sign}.2f}"  # noqa: E731
     for p in (q for q in pts if q.arm == "mgic"):
-        t = thin_at(pts, p.params)
+        t, tf = thin_at(pts, p.params), thin_at(pts, p.flops, "flops")
         dom = [b for b in base if b.params <= p.params and b.mean() >= p.mean()]
         out.append(f"| {p.label} | {fmt_n(p.params)} | {p.mean():.2f} ± {p.std():.2f} | "
-                   f"{'-' if t is None else f'{t:.2f}'} | {'-' if t is None else f'{p.mean() - t:+.2f}'} | "
+                   f"{f(t)} | {f(None if t is None else p.mean() - t, '+')} | "
+                   f"{f(tf)} | {f(None if tf is None else p.mean() - tf, '+')} | "
                    f"{'; '.join(f'{b.label} ({fmt_n(b.params)}, {b.mean():.2f})' for b in dom) or 'none'} |")
     return out
 
