@@ -305,8 +305,15 @@ def trained_original(task: Task, seed: int, cache_dir: Path) -> nn.Module:
         model.load_state_dict(torch.load(path))
     else:
         train(model, task, seed, task.epochs, task.lr, "original")
-        torch.save(model.state_dict(), path)
+        save_atomic(model, path)
     return model
+
+
+def save_atomic(model: nn.Module, path: Path) -> None:
+    """``torch.save`` to a temporary name, then rename: a concurrent reader never sees half a file."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(path)
 
 
 @dataclass
@@ -354,7 +361,7 @@ def run_job(job: Job) -> dict:
         raise ValueError(job.arm)
     seconds = train(model, task, job.seed, epochs, lr, job.arm)
     if job.arm == "thin" and job.cfg.get("mult") == 1.0:
-        torch.save(model.state_dict(), cache_dir / f"{task.name}_{task.tag()}_original_seed{job.seed}.pt")
+        save_atomic(model, cache_dir / f"{task.name}_{task.tag()}_original_seed{job.seed}.pt")
     _, (xv, yv), (xs, ys), _ = load_data(task)
     return {"task": job.task, "arm": job.arm, "cfg": job.cfg, "seed": job.seed, "label": job.label,
             "params": count_params(model), "flops": count_flops(model, (ex,)).total,
@@ -374,9 +381,8 @@ def same_network(task: Task, rule_a: str, rule_b: str, sg: int, sc: int) -> bool
     return repr(a) == repr(b) and shapes(a) == shapes(b) and a.code == b.code
 
 
-def plan_jobs(args: argparse.Namespace, cache_dir: Path) -> tuple[list[Job], list[Job]]:
-    """Phase 1 (thin, MGIC, pruned-init) and phase 2 (pruned-trained, which starts from phase 1's originals,
-    then the single-change init ablation)."""
+def plan_jobs(args: argparse.Namespace, cache_dir: Path) -> list[Job]:
+    """Every training run of the study, in the order they are run."""
     rules = [r for r in args.rules if RULE_SUPPORTED or r == "compact"]
     if len(rules) < len(args.rules):
         print(f"note: this mgicify has no rule= parameter; running rule(s) {rules} only (the compact rule)")
@@ -417,9 +423,11 @@ def plan_jobs(args: argparse.Namespace, cache_dir: Path) -> tuple[list[Job], lis
                 cfg = {"ratio": round(ratio, 6), "target": n}
                 js += [Job(name, arm, cfg, s, label=f"{arm} to {what}", **common) for s in args.seeds]
     # Seed by seed, so that an interrupted study has every point at fewer seeds rather than some points
-    # at none; then the init ablation (single changes), then the second rule.
-    by_seed = lambda js: sorted(js, key=lambda j: j.seed)  # noqa: E731  (stable: the order above within a seed)
-    return by_seed(phase1), by_seed(phase2) + by_seed(late) + by_seed(later)
+    # at none; within a seed the slow MGIC runs first, pruned-trained last (its original, thin x1.0, is
+    # done by then; if not, it trains the same original itself). Then the init ablation, then the second rule.
+    rank = {"mgic": 0, "tune": 0, "thin": 1, "pruned-init": 2, "pruned-trained": 3}
+    by_seed = lambda js: sorted(js, key=lambda j: (j.seed, rank[j.arm]))  # noqa: E731  (stable within)
+    return by_seed(phase1 + phase2) + by_seed(late) + by_seed(later)
 
 
 def run_all(args: argparse.Namespace) -> None:
@@ -427,17 +435,13 @@ def run_all(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     cache_file = out / "accuracy_per_parameter.json"
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
-    phase1, phase2 = plan_jobs(args, out)
-    todo_total = sum(1 for j in phase1 + phase2 if j.key(get_task(j.task, j.quick)) not in cache)
-    print(f"{len(phase1) + len(phase2)} runs planned, {todo_total} not cached yet; {args.workers} worker(s); "
-          f"{load_line()}", flush=True)
-    done = 0
+    jobs = plan_jobs(args, out)
+    todo = [j for j in jobs if j.key(get_task(j.task, j.quick)) not in cache]
+    print(f"{len(jobs)} runs planned, {len(todo)} not cached yet; {args.workers} worker(s); {load_line()}", flush=True)
+    todo_total, done = len(todo), 0
     start = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")
-    for phase in (phase1, phase2):
-        todo = [j for j in phase if j.key(get_task(j.task, j.quick)) not in cache]
-        if not todo:
-            continue
+    if todo:
         with cf.ProcessPoolExecutor(max_workers=args.workers, mp_context=ctx) as pool:
             futures = {pool.submit(run_job, j): j for j in todo}
             for fut in cf.as_completed(futures):
