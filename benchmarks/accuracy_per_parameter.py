@@ -606,7 +606,8 @@ def report(args: argparse.Namespace, wall: float, load_start: str) -> str:
             if p.arm == "tune"]
     if tune and not args.tune:
         lines += ["Learning-rate check of the original on the validation split (`--tune`; the shared lr is the "
-                  "one in the recipe above):", "", table(tune), ""]
+                  "one in the recipe above):", ""]
+        lines += [f"{name}:\n\n{table([p for p in tune if p.task == name])}\n" for name in args.tasks]
     for name in args.tasks:
         tp_ = [p for p in pts if p.task == name]
         if not tp_:
