@@ -84,3 +84,26 @@ def test_profile_network_quick_compares_the_two_networks_op_by_op():
     assert set(kinds) == {"convolution", "batch norm"} and all(float(c) > 0 for r in kinds.values() for c in r[1:])
     (total_inf, total_train) = [r for r in rows(out, "**all ops**")]
     assert int(total_inf[4]) > int(total_inf[1]) > 0  # the MGIC network runs more ops than the original
+
+
+def test_accuracy_per_parameter_quick_runs_every_arm_and_resumes_from_its_cache(tmp_path):
+    args = ["benchmarks/accuracy_per_parameter.py", "--quick", "--workers", "1", "--out", str(tmp_path), "--write"]
+    out = run(args, timeout=900)
+    md = (tmp_path / "accuracy_per_parameter.md").read_text()
+    assert (tmp_path / "accuracy_per_parameter.png").stat().st_size > 10_000
+    for task in ("mnist1d", "digits"):
+        section = md.split(f"## {task}")[1].split("\n## ")[0]
+        table = {r[0]: r for r in rows(section, "") if len(r) == 9 and r[0] not in ("arm", "---:", "---")}
+        assert {"thin (width multiplier)", "pruned at init, trained", "pruned after training, fine-tuned"} <= set(table)
+        assert any(k.startswith("MGIC ") for k in table), sorted(table)
+        params = {arm: float(r[2].rstrip("k")) for arm, r in table.items() if r[2].endswith("k")}
+        mgic = [v for k, v in params.items() if k.startswith("MGIC ")]
+        # the pruning ratio is bisected to the MGIC point's parameter count
+        assert params["pruned at init, trained"] == pytest.approx(mgic[0], rel=0.03)
+        assert all(0 <= float(r[5].strip("*").split(" ± ")[0]) <= 100 for r in table.values())
+    cached = __import__("json").loads((tmp_path / "accuracy_per_parameter.json").read_text())
+    trained = [r for r in rows(md, "") if len(r) == 9 and r[0] not in ("arm", "---")]
+    assert len(cached) == len(trained) and all(r[6] == "1" for r in trained)  # one seed, one cached run per row
+    assert re.search(r"\[\d+/\d+ ", out)  # progress is printed per finished run
+    again = run(args, timeout=900)  # every point is cached: nothing is trained again
+    assert re.search(r"(\d+) runs planned, 0 not cached yet", again), again[:500]

@@ -10,6 +10,7 @@ from mgic_transform.nn import MGICBlock
 from mgic_transform.nn.mgic_block import reference_forward
 from mgic_transform.nn.transfer import (
     CONV_BY_DIMS,
+    init_transfer_,
     POINTWISE_BY_DIMS,
     GroupedLinear,
     make_residual_norm,
@@ -47,15 +48,18 @@ def test_non_identity_levels_change_the_output():
     torch.manual_seed(0)
     block = _identity_mgic((64, 32, 16), 8, 2)
     block.levels[-1] = nn.Conv2d(16, 16, 3, padding=1)
+    for n in block.norms:  # they start at weight 0 (corrections off): switch the corrections on
+        nn.init.ones_(n.weight)
     x = torch.randn(2, 64, 5, 5)
     assert not torch.allclose(block(x), x)
 
 
 @pytest.mark.parametrize("channels_last, spatial_dims", [(False, 2), (False, 1), (False, 0), (True, 0)])
 @pytest.mark.parametrize("fine, coarse, groups", [(64, 32, 8), (256, 128, 8), (75, 37, 1)])
-def test_transfer_init_positive_rows_sum_to_one(fine, coarse, groups, channels_last, spatial_dims):
+def test_paper_transfer_init_positive_rows_sum_to_one(fine, coarse, groups, channels_last, spatial_dims):
     for a, b in ((fine, coarse), (coarse, fine)):
         op = make_transfer(a, b, groups, spatial_dims=spatial_dims, channels_last=channels_last)
+        init_transfer_(op.weight, a // groups)
         w = op.weight.detach()
         assert (w > 0).all()
         rows = w.reshape(b, -1) if not isinstance(op, GroupedLinear) else w.reshape(-1, a // groups)
@@ -65,6 +69,35 @@ def test_transfer_init_positive_rows_sum_to_one(fine, coarse, groups, channels_l
         x = torch.full((2, a) + (3,) * (spatial_dims if not channels_last else 0), 5.0)
         y = op(x.movedim(1, -1) if channels_last else x)
         torch.testing.assert_close(y, torch.full_like(y, 5.0))
+
+
+@pytest.mark.parametrize("channels_last, spatial_dims", [(False, 2), (False, 1), (True, 0)])
+def test_default_transfer_init_is_pytorchs_conv_init(channels_last, spatial_dims):
+    """R/P start as PyTorch starts a conv (uniform, +-1/sqrt(fan_in)), not positive and row-stochastic:
+    measured better in benchmarks/results/accuracy_per_parameter.md (issue 11)."""
+    torch.manual_seed(0)
+    op = make_transfer(256, 128, 8, spatial_dims=spatial_dims, channels_last=channels_last)
+    w, bound = op.weight.detach(), 1 / (256 // 8) ** 0.5
+    assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+    assert (w < 0).float().mean() > 0.4  # both signs, so rows do not sum to 1
+    assert w.std() == pytest.approx(bound / 3**0.5, rel=0.1)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_fresh_mgic_block_computes_its_finest_level(training):
+    """N_j starts at weight 0: every coarse-grid correction is off, the block is its finest grouped level."""
+    torch.manual_seed(0)
+    gm = mt.mgicify(_OneConv(64), torch.randn(1, 3, 8, 8), group_size=8, coarsest_width=16).train(training)
+    block = gm.get_submodule(gm.meta["mgic"].rewritten[0].module)
+    assert isinstance(block, MGICBlock) and block.num_levels >= 3
+    assert all((n.weight == 0).all() for n in block.norms)
+    x = torch.randn(2, 64, 8, 8)
+    torch.testing.assert_close(block(x), block.levels[0](x), rtol=0, atol=0)
+    # guard: the coarse levels are wired in and matter once N_j is non-zero
+    with torch.no_grad():
+        for n in block.norms:
+            n.weight.fill_(1.0)
+    assert not torch.allclose(block(x), block.levels[0](x))
 
 
 def test_grouped_linear_matches_block_diagonal_linear():

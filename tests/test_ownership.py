@@ -120,6 +120,11 @@ def test_a_graph_edit_that_reads_a_block_input_later_needs_fresh_marks():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 64, 64)
     gm = mt.mgicify(torchvision.models.resnet18(), x, group_size=16, coarsest_width=32).eval()
+    with torch.no_grad():  # N_j starts at 0 (corrections off, adding zero in place is harmless): switch them on
+        for m in gm.modules():
+            if isinstance(m, mt.MGICBlock):
+                for n in m.norms:
+                    n.weight.fill_(1.0)
     block = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "layer1.1")
     between = block.args[0]
     assert block.kwargs.get("overwrite_input")
