@@ -23,6 +23,12 @@ def test_fold_batchnorm_keeps_outputs(name):
         ctor, shape, sg, sc = CUSTOM_MODELS[name]
         model, x = ctor(), torch.randn(*shape)
     gm = mt.mgicify(model, x, group_size=sg, coarsest_width=sc)
+    with torch.no_grad():  # N_j starts at weight 0 (corrections off): switch them on, so folding N_j into P_j counts
+        for block in gm.modules():
+            if isinstance(block, mt.MGICBlock):
+                for n in block.norms:
+                    n.weight.uniform_(0.5, 1.5)
+                    n.bias.uniform_(-0.5, 0.5)
     gm.train()
     for _ in range(2):  # give the BatchNorms non-trivial running statistics
         gm(x)

@@ -69,11 +69,11 @@ def _unique_params(gm: torch.fx.GraphModule, region: Region) -> int:
     return sum(seen.values())
 
 
-def _frozen(gm: torch.fx.GraphModule, region: Region) -> Optional[str]:
+def _frozen(gm: torch.fx.GraphModule, region: Region, modules: dict[str, nn.Module]) -> Optional[str]:
     """The first parameter of the block that does not train (a frozen block stays as it is)."""
     for n in region.nodes:
         if n.op == "call_module":
-            for name, p in gm.get_submodule(n.target).named_parameters():
+            for name, p in modules[n.target].named_parameters():
                 if not p.requires_grad:
                     return f"{n.target}.{name}"
         for a in n.all_input_nodes:
@@ -195,7 +195,7 @@ def _main_path(region: Region) -> set[torch.fx.Node]:
     return seen
 
 
-def _layer_widths(gm: torch.fx.GraphModule, region: Region, cd: int) -> _LayerWidths:
+def _layer_widths(modules: dict[str, nn.Module], region: Region, cd: int) -> _LayerWidths:
     entry_shape, exit_shape = shape_of(region.entry), shape_of(region.exit)
     c_in, c_out = entry_shape[cd], exit_shape[cd]
     main_path = _main_path(region)
@@ -204,7 +204,7 @@ def _layer_widths(gm: torch.fx.GraphModule, region: Region, cd: int) -> _LayerWi
         if n.op != "call_module":
             continue
         src = shape_of(n.args[0]) if n.args else None
-        dim = layer_channel_dim(gm.get_submodule(n.target), src)
+        dim = layer_channel_dim(modules[n.target], src)
         if dim is None:
             continue
         for t in [*n.all_input_nodes, n]:
@@ -218,8 +218,13 @@ def _layer_widths(gm: torch.fx.GraphModule, region: Region, cd: int) -> _LayerWi
 
 
 def _decide(gm: torch.fx.GraphModule, region: Region, opts: RewriteOptions, *, path: str,
-            layers: tuple[str, ...], cd: int, widths: _LayerWidths, readers: dict, erased: set) -> Hierarchy:
-    """The block's hierarchy under the user's options, or :class:`_Decline` with the reason."""
+            layers: tuple[str, ...], cd: int, widths: _LayerWidths, readers: dict, erased: set,
+            modules: dict[str, nn.Module]) -> Hierarchy:
+    """The block's hierarchy under the user's options, or :class:`_Decline` with the reason.
+
+    ``modules`` are the layers before any rewrite: a unit tried after blocks inside it were
+    rewritten still reads its original layers.
+    """
     entry_shape, exit_shape = shape_of(region.entry), shape_of(region.exit)
     c_in, c_out = entry_shape[cd], exit_shape[cd]
     for pattern in opts.skip:
@@ -232,7 +237,7 @@ def _decide(gm: torch.fx.GraphModule, region: Region, opts: RewriteOptions, *, p
         if is_head(region.exit):
             raise _Decline(Decline.HEAD, "its output is the model's output (the head): those channels are the "
                                          "task's, not a feature hierarchy")
-        if sum(1 for n in region.nodes if n.op == "call_module" and is_channel_mixing(gm.get_submodule(n.target))) == 1:
+        if sum(1 for n in region.nodes if n.op == "call_module" and is_channel_mixing(modules[n.target])) == 1:
             raise _Decline(Decline.SINGLE_LAYER, "a single width-changing layer (a stem, an expansion to the head): "
                                                  "the paper rewrites width-changing blocks, not layers")
     narrowest = min(widths.main)
@@ -247,7 +252,7 @@ def _decide(gm: torch.fx.GraphModule, region: Region, opts: RewriteOptions, *, p
     shared = _shared_weights(gm, region, readers, erased)
     if shared:
         raise _Decline(Decline.SHARED_WEIGHTS, shared)
-    frozen = _frozen(gm, region)
+    frozen = _frozen(gm, region, modules)
     if frozen:
         raise _Decline(Decline.FROZEN, f"frozen ({frozen!r} has requires_grad=False): an MGIC block would start from "
                                        f"random, trainable weights; unfreeze the block to rewrite it")
@@ -371,9 +376,9 @@ def rewrite_blocks(gm: torch.fx.GraphModule, regions: Sequence[Region], options:
         widths = dict(width=entry_shape[cd], out_width=exit_shape[cd],
                       channel_dim=-1 if cd == len(entry_shape) - 1 and cd > 1 else cd)
         try:
-            layer_widths = _layer_widths(gm, region, cd)
+            layer_widths = _layer_widths(modules, region, cd)  # the layers as they were before any rewrite
             hier = _decide(gm, region, options, path=path, layers=layers, cd=cd, widths=layer_widths,
-                           readers=readers, erased=erased)
+                           readers=readers, erased=erased, modules=modules)
             mgic = _build(gm, region, hier, cd=cd, widths=layer_widths, factory=factory)
             mgic.train(gm.get_submodule(layers[0]).training if layers else gm.training)
             info = _account(mgic, hier, before=_unique_params(gm, region), c_in=entry_shape[cd],
