@@ -12,7 +12,7 @@ block that needs them is reported as unsupported.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch.fx
 from torch import nn
@@ -20,7 +20,19 @@ from torch import nn
 from ..layers import is_channel_mixing, layer_channel_dim
 from .shapes import shape_of
 
-__all__ = ["layer_channel_dim", "is_channel_mixing", "block_channel_dim"]
+__all__ = ["layer_channel_dim", "is_channel_mixing", "block_channel_dim", "channel_layers"]
+
+def channel_layers(nodes: Iterable[torch.fx.Node], modules: Mapping[str, nn.Module]
+                   ) -> Iterator[tuple[torch.fx.Node, Optional[torch.Size], int]]:
+    """``(node, input shape, channel dim)`` for every layer among ``nodes`` whose channel dim is known."""
+    for node in nodes:
+        if node.op != "call_module":
+            continue
+        src = shape_of(node.args[0]) if node.args else None
+        dim = layer_channel_dim(modules[node.target], src)
+        if dim is not None:
+            yield node, src, dim
+
 
 def block_channel_dim(
     entry: torch.fx.Node, interior: list[torch.fx.Node], modules: dict[str, nn.Module]
@@ -36,13 +48,7 @@ def block_channel_dim(
     entry_shape = shape_of(entry)
     if entry_shape is None:
         return None
-    for node in interior:
-        if node.op != "call_module":
-            continue
-        src = shape_of(node.args[0]) if node.args else None
-        dim = layer_channel_dim(modules[node.target], src)
-        if dim is None:
-            continue
+    for node, src, dim in channel_layers(interior, modules):
         if src is None or len(src) != len(entry_shape):
             return None
         dim %= len(entry_shape)

@@ -24,7 +24,7 @@ from ..nn.mgic_block import MGICBlock
 from ..nn.transfer import BN_BY_DIMS, CONV_BY_DIMS, GroupedLinear, make_residual_norm, make_transfer
 from ..plan import REWRITTEN, SKIPPED, BlockDecision, Decline
 from .blocks import Region
-from .channels import block_channel_dim, is_channel_mixing, layer_channel_dim
+from .channels import block_channel_dim, channel_layers, is_channel_mixing
 from .shapes import shape_of
 from .transition import drop_projection_shortcut, is_head
 from .variants import LevelSpec, VariantError, VariantFactory, common_prefix, extract_block
@@ -200,13 +200,7 @@ def _layer_widths(modules: dict[str, nn.Module], region: Region, cd: int) -> _La
     c_in, c_out = entry_shape[cd], exit_shape[cd]
     main_path = _main_path(region)
     every, main = {c_in, c_out}, {c_out}
-    for n in region.nodes:
-        if n.op != "call_module":
-            continue
-        src = shape_of(n.args[0]) if n.args else None
-        dim = layer_channel_dim(modules[n.target], src)
-        if dim is None:
-            continue
+    for n, _, dim in channel_layers(region.nodes, modules):
         for t in [*n.all_input_nodes, n]:
             s = shape_of(t)
             if s is None or len(s) < 2:
