@@ -49,8 +49,8 @@ def unobserved(*modules: nn.Module) -> bool:
     tensor must not be written in place afterwards. Checked at every call, so
     hooks registered after the transform count.
     """
-    if torch.is_grad_enabled():
-        return False
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False  # under torch.compile the compiler plans memory; probing modes would break the graph
     from torch.nn.modules import module as _m
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
