@@ -34,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import ConfigError, MGICError
 from .passes.shapes import meta_copy
+from .report import count_params
 
 __all__ = ["count_macs", "search_budget", "Candidate"]
 
@@ -86,8 +87,8 @@ def search_budget(model: nn.Module, inputs: Sequence[Any], *, metric: str, targe
     ratio reached when no candidate fits.
     """
     if metric == "params":
-        original = sum(p.numel() for p in model.parameters())
-        measure = lambda gm: sum(p.numel() for p in gm.parameters()) / original
+        original = count_params(model)
+        measure = lambda gm: count_params(gm) / original
     elif metric == "flops":
         original = count_macs(model, inputs)
         if original == 0:
@@ -118,10 +119,11 @@ def search_budget(model: nn.Module, inputs: Sequence[Any], *, metric: str, targe
             else:
                 hi = mid - 1
     if best is None:
-        smallest = min(evaluate(sizes[0], sizes[0]).ratio, *(c.ratio for c in seen.values()))
+        evaluate(sizes[0], sizes[0])  # the smallest sizes, in case the bisection never reached them
+        smallest = min(seen.values(), key=lambda c: c.ratio)
         raise MGICError(
-            f"target_{metric}={target:g} cannot be met: the smallest MGIC network found has {smallest:.3f} of the "
-            f"original's {metric} (group_size={sizes[0]}, coarsest_width={sizes[0]}). Hint: ask for "
-            f"target_{metric}>={smallest:.3f}, pass transitions=True to rewrite width-changing blocks too, or "
-            f"use rule=\"compact\" for smaller networks.")
+            f"target_{metric}={target:g} cannot be met: the smallest MGIC network found has {smallest.ratio:.3f} of "
+            f"the original's {metric} (group_size={smallest.group_size}, coarsest_width={smallest.coarsest_width}). "
+            f"Hint: ask for target_{metric}>={smallest.ratio:.3f}, pass transitions=True to rewrite width-changing "
+            f"blocks too, or use rule=\"compact\" for smaller networks.")
     return best.gm, best, len(seen)

@@ -375,7 +375,7 @@ def rewrite_blocks(gm: torch.fx.GraphModule, regions: Sequence[Region], options:
                            readers=readers, erased=erased, modules=modules)
             mgic = _build(gm, region, hier, cd=cd, widths=layer_widths, factory=factory)
             mgic.train(gm.get_submodule(layers[0]).training if layers else gm.training)
-            info = _account(mgic, hier, before=_unique_params(gm, region), c_in=entry_shape[cd],
+            info = _account(mgic, hier, before=params_before[id(region)], c_in=entry_shape[cd],
                             c_out=exit_shape[cd], group_size=options.group_size)
         except _Decline as why:
             inner = sum(1 for d in decisions if d.rewritten and set(d.nodes) <= {n.name for n in region.nodes})

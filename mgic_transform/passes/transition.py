@@ -45,8 +45,8 @@ def _is_add(n: torch.fx.Node) -> bool:
     return (n.op == "call_function" and n.target in _ADDS) or (n.op == "call_method" and n.target in ("add", "add_"))
 
 
-def _projection_branch(block: torch.fx.GraphModule, join: torch.fx.Node, arg: torch.fx.Node,
-                       x: torch.fx.Node) -> Optional[list[torch.fx.Node]]:
+def _projection_branch(block: torch.fx.GraphModule, arg: torch.fx.Node, x: torch.fx.Node
+                       ) -> Optional[list[torch.fx.Node]]:
     """The chain ``x -> ... -> arg`` if it is a projection: one pointwise conv/linear, norms, poolings."""
     chain, node = [], arg
     while node is not x:
@@ -74,7 +74,7 @@ def drop_projection_shortcut(block: torch.fx.GraphModule) -> bool:
         if not _is_add(join):
             continue
         for arg in join.all_input_nodes:
-            chain = _projection_branch(block, join, arg, x)
+            chain = _projection_branch(block, arg, x)
             if chain:
                 join.replace_input_with(arg, x)
                 for n in chain:  # last to first: each has no user left once its reader is gone
