@@ -210,6 +210,9 @@ class FunctionApproxNet(nn.Module):
     ``1x1 conv 5->16 + BN + ReLU``; then for every width ``w = 32, 64, ..., c_max`` two CNN
     blocks (``c_prev -> w`` and ``w -> w``, expansion 4); ``1x1 conv c_max->64 + BN + ReLU``;
     ``1x1 conv 64->1``. ``c_max`` must be a power of two >= 32. Input ``(N, 5, 1, 1)``, output ``(N, 1, 1, 1)``.
+
+    ``width_mult < 1`` is the *thin* baseline: the same architecture with every width (stem,
+    blocks, head) multiplied by it and rounded, the network a user would otherwise shrink to.
     """
 
     def __init__(
@@ -221,19 +224,27 @@ class FunctionApproxNet(nn.Module):
         in_features: int = 5,
         stem_width: int = 16,
         head_width: int = 64,
+        width_mult: float = 1.0,
     ) -> None:
         super().__init__()
         if c_max < 32 or c_max & (c_max - 1):
             raise ValueError(f"c_max must be a power of two >= 32, got {c_max}")
+        if not 0 < width_mult <= 1:
+            raise ValueError(f"width_mult must be in (0, 1], got {width_mult}")
+
+        def scaled(w: int) -> int:  # the thin baseline: every width times width_mult, at least 1 channel
+            return max(1, round(w * width_mult))
+
+        stem_width, head_width = scaled(stem_width), scaled(head_width)
         self.stem = nn.Sequential(
             nn.Conv2d(in_features, stem_width, 1, bias=False), nn.BatchNorm2d(stem_width), nn.ReLU()
         )
         blocks = []
         c, w = stem_width, 32
         while w <= c_max:
-            blocks.append(InvertedResidual(c, w, expansion, se, dw_kernel))
-            blocks.append(InvertedResidual(w, w, expansion, se, dw_kernel))
-            c, w = w, 2 * w
+            blocks.append(InvertedResidual(c, scaled(w), expansion, se, dw_kernel))
+            blocks.append(InvertedResidual(scaled(w), scaled(w), expansion, se, dw_kernel))
+            c, w = scaled(w), 2 * w
         self.blocks = nn.Sequential(*blocks)
         self.head = nn.Sequential(
             nn.Conv2d(c, head_width, 1, bias=False), nn.BatchNorm2d(head_width), nn.ReLU()

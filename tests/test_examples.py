@@ -75,6 +75,19 @@ def test_function_approx_net_follows_table2():
         FunctionApproxNet(c_max=48)
 
 
+def test_function_approx_net_thin_scales_every_width():
+    """The thin baseline: same depth and residual pattern, every width times width_mult."""
+    full, thin = FunctionApproxNet(c_max=64), FunctionApproxNet(c_max=64, width_mult=0.5)
+    assert [(b.expand.in_channels, b.project.out_channels, b.use_residual) for b in thin.blocks] == \
+        [(8, 16, False), (16, 16, True), (16, 32, False), (32, 32, True)]
+    assert thin.head[0].out_channels == 32 and thin.out.in_channels == 32
+    assert len(thin.blocks) == len(full.blocks)
+    assert sum(p.numel() for p in thin.parameters()) < sum(p.numel() for p in full.parameters()) / 3
+    assert thin(torch.randn(3, 5, 1, 1)).shape == (3, 1, 1, 1)
+    with pytest.raises(ValueError):
+        FunctionApproxNet(c_max=64, width_mult=0)
+
+
 # ----------------------------------------------------------------------------- scripts (slow)
 @pytest.mark.parametrize("script", ["train_digits.py", "function_approximation.py"])
 def test_help(script):
@@ -119,10 +132,15 @@ def test_function_approximation_quick(tmp_path):
         matplotlib = None
     out = run(args)
     rows = table_rows(out)
-    assert [r[0] for r in rows] == ["MobileNetV3-32", "MGIC-32", "MobileNetV3-64", "MGIC-64"]
-    params = [count(r[2]) for r in rows]
-    assert params[1] < params[0] and params[3] < params[2]
-    assert all(float(r[4]) >= 0 for r in rows)
+    assert [r[0] for r in rows] == ["MobileNetV3-32", "Thin-32", "MGIC-32", "MGIC-compact-32",
+                                    "MobileNetV3-64", "Thin-64", "MGIC-64", "MGIC-compact-64"]
+    params = {r[0]: count(r[3]) for r in rows}
+    for c in (32, 64):
+        orig, thin, paper, compact = (params[f"{k}-{c}"] for k in ("MobileNetV3", "Thin", "MGIC", "MGIC-compact"))
+        assert paper < orig and compact < orig  # both rules shrink the network
+        assert thin <= paper  # the thin baseline is matched to the paper rule's budget from below ...
+        assert thin > 0.9 * paper  # ... and close to it
+    assert all(float(r[5]) >= 0 for r in rows)
     assert "Paper (Sec. 4.2, Fig. 4)" in out and "Verdict: this run" in out
     if matplotlib is not None:
         assert (tmp_path / "function_approximation.png").stat().st_size > 1000
