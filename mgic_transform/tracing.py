@@ -85,6 +85,37 @@ def writes_in_place(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
     return False
 
 
+# Ops whose result shares memory with their first argument: an in-place write into the result is a write into
+# the argument (``self.weight.data.clamp_()``, ``self.buf.view(-1).zero_()``, ``self.buf[0].add_(1)``).
+ALIASING_METHODS = frozenset({"detach", "view", "view_as", "reshape", "flatten", "unflatten", "unsqueeze", "squeeze",
+                              "t", "transpose", "permute", "expand", "expand_as", "narrow", "select", "as_strided",
+                              "unbind", "split", "chunk", "diagonal", "movedim", "swapaxes", "contiguous"})
+ALIASING_ATTRIBUTES = frozenset({"data", "T", "mT", "H", "mH", "real", "imag"})
+
+
+def aliased_state(node: Any) -> Optional[torch.fx.Node]:
+    """The ``get_attr`` node (a parameter or buffer) whose memory ``node``'s value shares, if any.
+
+    Follows ``.data``, ``.detach()``, views and indexing back to the state they
+    alias. ``.data`` matters most: it has its own version counter, so a write
+    through it is invisible to the version check of :class:`_StateSnapshot`.
+    """
+    while isinstance(node, torch.fx.Node):
+        if node.op == "get_attr":
+            return node
+        first = node.args[0] if node.args else None
+        if node.op == "call_method" and node.target in ALIASING_METHODS:
+            node = first
+        elif node.op == "call_function" and node.target is getattr and len(node.args) > 1 \
+                and node.args[1] in ALIASING_ATTRIBUTES:
+            node = first
+        elif node.op == "call_function" and node.target is operator.getitem:
+            node = first
+        else:
+            return None
+    return None
+
+
 def eliminate_dead_code(gm: torch.fx.GraphModule) -> None:
     """``gm.graph.eliminate_dead_code()`` that keeps in-place ops whose result is unused (``y.relu_()``)."""
     modules = dict(gm.named_modules())
@@ -123,10 +154,11 @@ class LeafTracer(torch.fx.Tracer):
         if (torch.is_grad_enabled(), torch.is_inference_mode_enabled()) != self._grad_mode:
             self._note(where, "changes the grad mode (torch.no_grad / enable_grad / inference_mode), which the "
                               "graph does not record")
-        first = node.args[0] if node.args else None
-        if isinstance(first, torch.fx.Node) and first.op == "get_attr" and first not in self._flag_nodes \
-                and writes_in_place(node, {}):
-            self._note(where, f"writes {first.target!r} in place")
+        if node.args and writes_in_place(node, {}):
+            state = aliased_state(node.args[0])
+            if state is not None and state not in self._flag_nodes:
+                through = "" if state is node.args[0] else " (through a view or .data)"
+                self._note(where, f"writes {state.target!r} in place{through}")
         return node
 
     def _note(self, path: str, what: str) -> None:
@@ -415,9 +447,10 @@ def trace(
             if not path:
                 raise TraceError(
                     f"the forward() of {type(model).__name__} itself {change.what}"
-                    f"{f' (of module {change.path!r})' if change.path else ''}; torch.fx records tensor operations "
-                    f"only, so the result would silently skip it. Hint: move that code into a submodule and pass it "
-                    f"as leaf_modules=[...], or transform the part of the model without it."
+                    f"{f' (of module {change.path!r})' if change.path else ''}; the rewritten model could not keep "
+                    f"that (torch.fx does not record grad-mode changes or attribute assignments, and a rewritten "
+                    f"layer's weights are new tensors), so it would silently skip it. Hint: move that code into a "
+                    f"submodule and pass it as leaf_modules=[...], or transform the part of the model without it."
                 )
             if path not in auto:
                 auto.append(path)

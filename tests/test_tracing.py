@@ -221,6 +221,59 @@ def test_regression_state_updates_in_the_models_own_forward_are_refused(model, w
         mt.mgicify(model(), torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=4)
 
 
+class _ClippedConv(nn.Module):
+    """Weight clipping in forward (WGAN critics): writes its conv's weight through ``.data`` or a view."""
+
+    def __init__(self, c, how):
+        super().__init__()
+        self.inner = nn.Conv2d(c, c, 3, padding=1)
+        self.how = how
+
+    def forward(self, x):
+        if self.how == "data":
+            self.inner.weight.data.clamp_(-0.01, 0.01)
+        else:
+            self.inner.weight.view(-1)[:4].detach().zero_()
+        return self.inner(x)
+
+
+class _Clipped(nn.Module):
+    def __init__(self, how, c=16):
+        super().__init__()
+        self.stem, self.conv, self.conv2 = nn.Conv2d(3, c, 1), _ClippedConv(c, how), nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return x + self.conv2(torch.relu(self.conv(x)))
+
+
+class _RootClip(_Clipped):
+    def forward(self, x):
+        self.conv2.weight.data.clamp_(-0.01, 0.01)
+        return super().forward(x)
+
+
+# regression B40: a parameter written through .data (its own version counter) or a view was not seen by B29
+@pytest.mark.parametrize("how", ["data", "view"])
+def test_regression_weight_written_through_data_or_a_view_is_kept(how):
+    torch.manual_seed(0)
+    model = _Clipped(how)
+    before = model.conv.inner.weight.detach().clone()
+    with pytest.warns(UserWarning, match="kept whole.*'conv' writes 'conv.inner.weight' in place \\(through a view or .data"):
+        gm = mt.mgicify(model, torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=4)
+    assert dict(gm.meta["state_leaves"]).keys() == {"conv"}
+    assert torch.equal(model.conv.inner.weight, before)  # the input model is untouched
+    assert isinstance(gm.get_submodule("conv"), _ClippedConv)  # kept whole: its forward runs as written
+    gm(torch.randn(2, 3, 8, 8))
+    w = gm.get_submodule("conv").inner.weight
+    assert (w.abs().max() <= 0.01) if how == "data" else torch.equal(w.view(-1)[:4], torch.zeros(4))
+
+
+def test_regression_weight_written_through_data_in_the_models_own_forward_is_refused():
+    with pytest.raises(mt.MGICError, match="itself writes 'conv2.weight' in place \\(through a view or .data\\)"):
+        mt.mgicify(_RootClip("data"), torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=4)
+
+
 def test_plain_models_need_no_extra_leaves():
     gm = mt.mgicify(torchvision.models.resnet18(), torch.randn(1, 3, 32, 32))
     assert gm.meta["state_leaves"] == ()
