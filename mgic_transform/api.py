@@ -377,7 +377,8 @@ def mgicify(
         notes.append("the model has no Conv or Linear layer: nothing to rewrite")
     elif not decisions:
         notes.append("no equal-width block with a channel-mixing layer was found")
-    gm.meta["mgic"] = MGICPlan(group_size, coarsest_width, transitions, skip, tuple(decisions), tuple(notes), rule=rule)
+    gm.meta["mgic"] = MGICPlan(group_size, coarsest_width, transitions, skip, tuple(decisions), tuple(notes), rule=rule,
+                               init=init, checkpoint=checkpoint)
     gm.meta["mgic_example_inputs"] = tuple(t.detach() for t in inputs)
     # GraphModule pickling rebuilds `meta` empty; a plain attribute survives torch.save / torch.load.
     gm._mgic_meta = {k: gm.meta[k] for k in ("mgic", "mgic_example_inputs")}

@@ -149,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "name of a class the model uses) or a module path glob (backbone.head.*); repeatable")
     p.add_argument("--transitions", action="store_true",
                    help="also rewrite width-changing blocks (depthwise 3x3 connector + MGIC block)")
+    p.add_argument("--init", choices=("scratch", "inherit"), default="scratch",
+                   help="'scratch' (default): fresh weights in every MGIC block; 'inherit' (experimental): build "
+                        "them from MODEL's trained weights (load them in MODEL's file, e.g. in build_model())")
+    p.add_argument("--checkpoint", action="store_true",
+                   help="activation checkpointing per MGIC block: less training memory, one more forward per step")
     p.add_argument("--output-dir", metavar="DIR", default=DEFAULT_OUTPUT_DIR,
                    help=f"where to write the model and the report (default: ./{DEFAULT_OUTPUT_DIR}, created if missing)")
     p.add_argument("--format", choices=FORMATS, default="text",
@@ -469,6 +474,8 @@ def _transform(model: Any, inputs: Optional[tuple], args: argparse.Namespace, le
             target_params=args.target_params,
             target_flops=args.target_flops,
             leaf_modules=leaves,
+            init=args.init,
+            checkpoint=args.checkpoint,
         )
     except (ConfigError, InputError) as exc:
         raise CLIError(first_line(exc), EXIT_USAGE) from exc

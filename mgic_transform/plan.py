@@ -134,6 +134,8 @@ class MGICPlan:
     notes: tuple[str, ...] = ()  # model-level remarks, e.g. "no conv/linear layer found"
     rule: str = "paper"  # the hierarchy rule (``mgic_transform.hierarchy``)
     budget: Optional[Budget] = None  # set when the sizes were chosen by target_params / target_flops
+    init: str = "scratch"  # "inherit": the levels were built from the trained weights (``passes/inherit.py``)
+    checkpoint: bool = False  # every MGIC block recomputes its activations in backward (``nn/checkpointing.py``)
 
     @property
     def rewritten(self) -> tuple[BlockDecision, ...]:
@@ -153,4 +155,6 @@ class MGICPlan:
             "blocks": [b.to_dict() for b in self.blocks],
             "notes": list(self.notes),
             "budget": self.budget.to_dict() if self.budget is not None else None,
+            "init": self.init,
+            "checkpoint": self.checkpoint,
         }

@@ -146,8 +146,8 @@ class Report:
             ``None`` when fvcore could not trace the model (see ``notes``).
         blocks: one row per candidate block.
         input_shapes: shapes of the example inputs the FLOPs were counted with.
-        group_size, coarsest_width, transitions, skip, rule: the options of the transform
-            (``None``/empty when the transformed model carries no plan).
+        group_size, coarsest_width, transitions, skip, rule, init, checkpoint: the options of
+            the transform (``None``/empty when the transformed model carries no plan).
         budget: the ``target_params``/``target_flops`` request and what the search achieved, if any.
         uncounted_ops_before, uncounted_ops_after: ``(op, times it ran)`` for the
             operators fvcore has no FLOP formula for; their cost is *not* in the totals.
@@ -166,6 +166,8 @@ class Report:
     skip: tuple[str, ...] = ()
     rule: Optional[str] = None
     budget: Optional[Budget] = None
+    init: Optional[str] = None
+    checkpoint: bool = False
     uncounted_ops_before: tuple[tuple[str, int], ...] = ()
     uncounted_ops_after: tuple[tuple[str, int], ...] = ()
     notes: tuple[str, ...] = ()
@@ -210,6 +212,8 @@ class Report:
                 "coarsest_width": self.coarsest_width,
                 "transitions": self.transitions,
                 "skip": list(self.skip),
+                "init": self.init,
+                "checkpoint": self.checkpoint,
             },
             "blocks": [b.to_dict() for b in self.blocks],
             "uncounted_ops": {
@@ -303,6 +307,8 @@ def compare(
         skip=tuple(plan.skip) if plan is not None else (),
         rule=plan.rule if plan is not None else None,
         budget=plan.budget if plan is not None else None,
+        init=getattr(plan, "init", "scratch") if plan is not None else None,  # getattr: plans pickled before the field
+        checkpoint=getattr(plan, "checkpoint", False) if plan is not None else False,
         uncounted_ops_before=_sorted_ops(before.uncounted),
         uncounted_ops_after=_sorted_ops(after.uncounted),
         notes=tuple(notes),
@@ -514,7 +520,8 @@ def _preamble(r: Report) -> str:
         skip = ", ".join(r.skip) if r.skip else "none"
         options = (
             f"rule {r.rule}, group size {r.group_size}, coarsest width {r.coarsest_width}, "
-            f"transitions {'on' if r.transitions else 'off'}, skip {skip}"
+            f"transitions {'on' if r.transitions else 'off'}, skip {skip}, init {r.init}"
+            + (", checkpointed blocks" if r.checkpoint else "")
         )
         if r.budget is not None:
             options += (f"; sizes chosen for target_{r.budget.metric}={r.budget.target:g} "

@@ -17,6 +17,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
+
+from mgic_transform.nn import MGICBlock
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TINY = FIXTURES / "tiny_resnet.py"
@@ -261,13 +264,18 @@ def test_input_shape_the_model_rejects(tmp_path):
 def test_options_reach_the_compiler(tmp_path, monkeypatch, capsys):
     out = tmp_path / "o"
     proc = run_main(TINY, *SMALL, "--coarsest-width", "32", "--transitions", "--skip", "layer2", "no_such_block",
-                    "--rule", "compact", "--output-dir", out, "--format", "json", cwd=tmp_path, monkeypatch=monkeypatch,
-                    capsys=capsys)
+                    "--rule", "compact", "--init", "inherit", "--checkpoint", "--output-dir", out, "--format", "json",
+                    cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["options"] == {"rule": "compact", "budget": None,
                                  "group_size": 16, "coarsest_width": 32, "transitions": True,
-                                 "skip": ["layer2", "no_such_block"]}
+                                 "skip": ["layer2", "no_such_block"], "init": "inherit", "checkpoint": True}
+    saved = torch.load(out / "tiny_resnet_mgic.pt", weights_only=False)
+    blocks = [m for m in saved.modules() if isinstance(m, MGICBlock)]
+    assert blocks and all(m.checkpoint for m in blocks)  # --checkpoint reached every block
+    plan = saved.meta["mgic"]
+    assert plan.init == "inherit" and any(d.init for d in plan.rewritten)  # --init inherit: recorded per layer
     warning_lines = [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warning_lines) == 1 and "no_such_block" in warning_lines[0]  # the compiler's warning, one line
     rows = {b["path"]: b for b in report["blocks"]}
