@@ -30,6 +30,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -38,6 +39,7 @@ from typing import Optional
 
 import torch
 import torchvision
+from torch._inductor.utils import fresh_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import code_version, emit, interleaved, load_line, machine_line, median  # noqa: E402
@@ -59,6 +61,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--peer", action="store_true", help="also the Torch-Pruning peer at the MGIC FLOPs (one more compile each)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="mobilenet_v3_large, 1 thread, batch 1, 2 rounds")
+    p.add_argument("--warm-cache", action="store_true",
+                   help="reuse inductor's on-disk cache of compiled kernels (default: a fresh, empty cache per compile, "
+                        "so compile s is what a first run costs)")
     p.add_argument("--write", action="store_true", help="write benchmarks/results/compile_inference[_cuda].md")
     args = p.parse_args(argv)
     if args.quick:
@@ -88,8 +93,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                 compiled, compile_s = {}, {}
                 for k, m in eager.items():
                     c = torch.compile(m, dynamic=False)
+                    cache = contextlib.nullcontext() if args.warm_cache else fresh_cache()
                     t0 = time.perf_counter()
-                    with torch.inference_mode():
+                    with cache, torch.inference_mode():
                         out = c(x)
                         sync(dev)
                     compile_s[k] = time.perf_counter() - t0
@@ -119,7 +125,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"- load: {started} at start, {load_line()} at end; per row below (at the start of that row's compile)",
         f"- MGIC: s_g / s_c as in speed.py, rule {args.rule}; every network BN-folded (`mt.fold_batchnorm`), eval, inference_mode, NCHW, 224x224; medians of {args.rounds} "
         "interleaved rounds of every network, eager and compiled; compile s = wall time of the first call "
-        "(dynamo + inductor, `dynamic=False`, one compile per batch size); compiled outputs checked against eager (< 1e-4)",
+        "(dynamo + inductor, `dynamic=False`, one compile per batch size, "
+        + ("inductor's on-disk cache reused: a repeat run" if args.warm_cache else "an empty inductor cache: a first run")
+        + "); compiled outputs checked against eager (< 1e-4)",
         "",
         "| model | threads | batch | network | eager ms | compiled ms | compiled / eager | compiled / original compiled "
         "| compile s | load |",

@@ -12,8 +12,10 @@ Measured alone, interleaved in one process, ``inference_mode``:
 
 1. per layer, at the ResNet-50 MGIC grouped 1x1 shapes: ``matmul`` (before) vs
    ``PointwiseConv2d`` (now);
-2. the whole MGIC ResNet-50 (rule paper, s_g=32, s_c=64), with every
-   ``PointwiseConv2d`` switched back to the broadcast ``matmul`` vs as it is now.
+2. the whole MGIC ResNet-50 (rule paper, s_g=32, s_c=64) and MobileNetV3-Large
+   (s_g=8, s_c=16), with every ``PointwiseConv2d`` switched back to the broadcast
+   ``matmul``, as it is now, and swapped for PyTorch's grouped convolution
+   (``plain_convs``, oneDNN).
 
 Usage::
 
@@ -24,6 +26,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 from pathlib import Path
@@ -39,6 +42,7 @@ import mgic_transform as mt  # noqa: E402
 from mgic_transform.nn import transfer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+NETWORKS = {"resnet50": (32, 64), "mobilenet_v3_large": (8, 16)}  # (s_g, s_c), as in speed.py
 SHAPES = [(256, 128, 8, 56), (128, 256, 8, 56), (1024, 512, 32, 14), (512, 1024, 32, 14), (2048, 1024, 64, 7),
           (1024, 2048, 64, 7)]
 
@@ -52,6 +56,23 @@ class broadcast_matmul:
 
     def __exit__(self, *exc: object) -> None:
         transfer._grouped_matmul = self.saved
+
+
+def timed_variants(model, conv_model, x: torch.Tensor, rounds: int) -> dict[str, float]:
+    """Median ms of the whole network three ways, interleaved: broadcast matmul (before), now, oneDNN grouped conv."""
+    def before() -> None:
+        with torch.inference_mode(), broadcast_matmul():
+            model(x)
+
+    def now() -> None:
+        with torch.inference_mode():
+            model(x)
+
+    def conv() -> None:
+        with torch.inference_mode():
+            conv_model(x)
+    t = interleaved({"before": before, "now": now, "conv": conv}, rounds, warmup=2)
+    return {k: 1e3 * median(v) for k, v in t.items()}
 
 
 def timed_pair(fn, x: torch.Tensor, rounds: int) -> tuple[float, float]:
@@ -72,6 +93,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, nargs="+", default=None, help=f"default 1 {cores}")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default 1 8")
+    p.add_argument("--models", nargs="+", choices=sorted(NETWORKS), default=None, help="default: all")
     p.add_argument("--rounds", type=int, default=None, help="default 11 (layers), 7 (network)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--write", action="store_true", help="write benchmarks/results/pointwise_weight_copy.md")
@@ -80,10 +102,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     batches = args.batch_sizes or ([2] if args.quick else [1, 8])
     rounds = args.rounds or (2 if args.quick else 11)
     shapes = SHAPES[-2:] if args.quick else SHAPES
+    models = args.models or (["resnet50"] if args.quick else list(NETWORKS))
     started = load_line()
-    torch.manual_seed(0)
-    gm = mt.mgicify(torchvision.models.resnet50(), torch.zeros(1, 3, 224, 224), group_size=32, coarsest_width=64,
-                    rule="paper").eval()
+    nets = {}
+    for name in models:
+        torch.manual_seed(0)
+        s_g, s_c = NETWORKS[name]
+        gm = mt.mgicify(torchvision.models.get_model(name), torch.zeros(1, 3, 224, 224), group_size=s_g,
+                        coarsest_width=s_c, rule="paper").eval()
+        nets[name] = (gm, transfer.plain_convs(copy.deepcopy(gm)).eval())
     layer_rows, net_rows = [], []
     for th in threads:
         torch.set_num_threads(th)
@@ -98,11 +125,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                 b, n = timed_pair(layer, x, rounds)
                 layer_rows.append(f"| {th} | {bs} | {c_in} -> {c_out}, {g}, {hw}x{hw} | {b:.3f} | {n:.3f} | {n / b:.2f} |")
                 print(layer_rows[-1], file=sys.stderr, flush=True)
-            x = torch.randn(bs, 3, 224, 224)
-            load = load_line()
-            b, n = timed_pair(gm, x, max(3, rounds * 2 // 3))
-            net_rows.append(f"| {th} | {bs} | {b:.1f} | {n:.1f} | {n / b:.2f} | {load} |")
-            print(net_rows[-1], file=sys.stderr, flush=True)
+            for name, (gm, conv_gm) in nets.items():
+                x = torch.randn(bs, 3, 224, 224)
+                with torch.inference_mode():
+                    torch.testing.assert_close(conv_gm(x), gm(x), rtol=1e-4, atol=1e-4)
+                load = load_line()
+                t = timed_variants(gm, conv_gm, x, max(3, rounds * 2 // 3))
+                b, n, c = t["before"], t["now"], t["conv"]
+                net_rows.append(f"| {name} | {th} | {bs} | {b:.1f} | {n:.1f} | {c:.1f} | {n / b:.2f} | {c / b:.2f} | {load} |")
+                print(net_rows[-1], file=sys.stderr, flush=True)
     out = [
         "# Ablation: PointwiseConv2d without matmul's per-image weight copy",
         "",
@@ -112,9 +143,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         "- inference_mode, NCHW; medians of interleaved rounds (before = broadcast `torch.matmul`, now = "
         "`_grouped_matmul`); outputs checked equal",
         "",
-        "## Whole network: MGIC ResNet-50 (rule paper, s_g=32, s_c=64), 224x224",
+        "## Whole network (rule paper; ResNet-50 s_g=32, s_c=64; MobileNetV3-L s_g=8, s_c=16), 224x224",
         "",
-        "| threads | batch | before ms | now ms | now / before | load |", "|--:|--:|--:|--:|--:|---|", *net_rows,
+        "Three ways to run every grouped 1x1 layer (`PointwiseConv2d`): **before** = broadcast `torch.matmul` (a "
+        "copy of the weight per image), **now** = `_grouped_matmul` (one `bmm` per image), **conv** = PyTorch's "
+        "grouped convolution (oneDNN; `mt.nn.transfer.plain_convs`).",
+        "",
+        "| network | threads | batch | before ms | now ms | conv ms | now / before | conv / before | load |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|---|", *net_rows,
         "",
         "## Per layer (grouped 1x1 shapes of the MGIC ResNet-50)",
         "",

@@ -84,7 +84,14 @@ def _grouped_matmul(w: torch.Tensor, xg: torch.Tensor) -> torch.Tensor:
     the copy is a third of the input's size. One image is a plain ``bmm`` over the
     groups; without autograd, several images are one ``bmm`` each, written into
     one output. Same products, same sums: the result is the same.
+
+    Under ``torch.compile`` (and ``torch.export``) it is plain ``torch.matmul``: inductor
+    plans the broadcast itself, and a Python loop of ``out=`` products traced into the
+    graph made the compiled MGIC ResNet-50 slower than eager (batch 8, 2 threads: 367 vs
+    272 ms compiled with ``matmul``; ``benchmarks/results/compile_inference.md``).
     """
+    if torch.compiler.is_compiling():
+        return torch.matmul(w, xg)
     if xg.dim() == 3:
         return torch.bmm(w, xg)
     if xg.shape[0] == 1:
