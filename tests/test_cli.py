@@ -274,8 +274,9 @@ def test_options_reach_the_compiler(tmp_path, monkeypatch, capsys):
     saved = torch.load(out / "tiny_resnet_mgic.pt", weights_only=False)
     blocks = [m for m in saved.modules() if isinstance(m, MGICBlock)]
     assert blocks and all(m.checkpoint for m in blocks)  # --checkpoint reached every block
-    plan = saved.meta["mgic"]
-    assert plan.init == "inherit" and any(d.init for d in plan.rewritten)  # --init inherit: recorded per layer
+    # --init inherit: R averages pairs of channels and P copies back (scratch init draws them at random)
+    assert set(blocks[0].restrict[0].weight.unique().tolist()) == {0.0, 0.5}
+    assert set(blocks[0].prolong[0].weight.unique().tolist()) == {0.0, 1.0}
     warning_lines = [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warning_lines) == 1 and "no_such_block" in warning_lines[0]  # the compiler's warning, one line
     rows = {b["path"]: b for b in report["blocks"]}
