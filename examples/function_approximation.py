@@ -39,7 +39,7 @@ Scaled down (the paper: 10M points, 1,000 epochs of SGD, lr 1e-4, batch 20,000, 
     is ``4 * c_in``.
 
 How to run
-    python examples/function_approximation.py                   # c_max 32 64 128, 4 arms, ~8 minutes on 2 cores
+    python examples/function_approximation.py                   # c_max 32 64 128, 4 arms, one seed, ~10 minutes on 2 cores
     python examples/function_approximation.py --quick           # smoke run (< 1 minute)
     python examples/function_approximation.py --write-results   # + examples/results/function_approximation.{md,png}
     python examples/function_approximation.py --paper-ranges --epochs 50 --seeds 0 1 2
