@@ -24,6 +24,7 @@ Usage::
 
     python benchmarks/compile_inference.py --write            # resnet50, threads 1 and all cores, batch 1 and 8
     python benchmarks/compile_inference.py --models mobilenet_v3_large --threads 2
+    python benchmarks/compile_inference.py --transitions --threads 2 --write   # the paper's MGIC-ResNet-50
     python benchmarks/compile_inference.py --device cuda --write
 """
 
@@ -61,6 +62,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--peer", action="store_true", help="also the Torch-Pruning peer at the MGIC FLOPs (one more compile each)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="mobilenet_v3_large, 1 thread, batch 1, 2 rounds")
+    p.add_argument("--transitions", action="store_true",
+                   help="mgicify(transitions=True), the paper's MGIC-ResNet-50; writes compile_inference_transitions.md")
     p.add_argument("--warm-cache", action="store_true",
                    help="reuse inductor's on-disk cache of compiled kernels (default: a fresh, empty cache per compile, "
                         "so compile s is what a first run costs)")
@@ -79,7 +82,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         torch.manual_seed(0)
         orig = torchvision.models.get_model(name, weights=None).eval()
         example = torch.zeros(1, 3, 224, 224)
-        gm = mt.mgicify(orig, example, group_size=s_g, coarsest_width=s_c, rule=args.rule).eval()
+        gm = mt.mgicify(orig, example, group_size=s_g, coarsest_width=s_c, rule=args.rule,
+                        transitions=args.transitions).eval()
         nets = {"original": orig, "MGIC": gm}
         if args.peer:
             nets["pruned peer"] = pruned_to_flops(orig, example, mt.compare(orig, gm, example).flops_ratio)
@@ -123,7 +127,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"- machine: {machine_line()}" + (f"; GPU {torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else ""),
         f"- code: {code_version()}",
         f"- load: {started} at start, {load_line()} at end; per row below (at the start of that row's compile)",
-        f"- MGIC: s_g / s_c as in speed.py, rule {args.rule}; every network BN-folded (`mt.fold_batchnorm`), eval, inference_mode, NCHW, 224x224; medians of {args.rounds} "
+        f"- MGIC: s_g / s_c as in speed.py, rule {args.rule}, transitions={args.transitions}; every network BN-folded (`mt.fold_batchnorm`), eval, inference_mode, NCHW, 224x224; medians of {args.rounds} "
         "interleaved rounds of every network, eager and compiled; compile s = wall time of the first call "
         "(dynamo + inductor, `dynamic=False`, one compile per batch size, "
         + ("inductor's on-disk cache reused: a repeat run" if args.warm_cache else "an empty inductor cache: a first run")
@@ -135,7 +139,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         *rows,
     ]
     md = "\n".join(out) + "\n"
-    emit(md, RESULTS / f"compile_inference{'_cuda' if dev.type == 'cuda' else ''}.md" if args.write else None)
+    name = f"compile_inference{'_transitions' if args.transitions else ''}{'_cuda' if dev.type == 'cuda' else ''}.md"
+    emit(md, RESULTS / name if args.write else None)
     return 0
 
 
