@@ -86,6 +86,17 @@ def test_profile_network_quick_compares_the_two_networks_op_by_op():
     assert int(total_inf[4]) > int(total_inf[1]) > 0  # the MGIC network runs more ops than the original
 
 
+def test_small_net_step_quick_times_the_three_networks_and_counts_their_ops():
+    out = run(["benchmarks/small_net_step.py", "--quick"])
+    table = rows(out, "mnist1d")
+    assert [r[1].split(" ")[0] for r in table] == ["original", "thin", "MGIC"]
+    params = [int(r[2].replace(",", "")) for r in table]
+    assert params[1] <= params[2] < params[0]  # thin matched to MGIC's count from below
+    ops = [int(r[5].replace(",", "")) for r in table]
+    assert ops[0] == ops[1] < ops[2]  # same op count for the thin network, more for MGIC
+    assert all(float(r[3]) > 0 for r in table)
+
+
 def test_accuracy_per_parameter_quick_runs_every_arm_and_resumes_from_its_cache(tmp_path):
     args = ["benchmarks/accuracy_per_parameter.py", "--quick", "--workers", "1", "--out", str(tmp_path), "--write"]
     out = run(args, timeout=900)
