@@ -74,6 +74,12 @@ def load_line() -> str:
         return "load average unavailable"
 
 
+def preamble(title: str, started: str) -> list[str]:
+    """A results file's first lines: its title, then the machine, the code and the load at start and end."""
+    return [f"# {title}", "", f"- machine: {machine_line()}", f"- code: {code_version()}",
+            f"- load: {started} at start, {load_line()} at end"]
+
+
 def fake_forward(run: Callable[..., Any], inputs: Sequence[torch.Tensor], *, count_flops: bool = True) -> tuple[Any, int | None]:
     """Run ``run(inputs)`` (which must build its own fake mode, e.g. ``run_fake``) and count FLOPs.
 

@@ -26,6 +26,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import sys
@@ -36,7 +37,7 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import code_version, emit, interleaved, load_line, machine_line, median  # noqa: E402
+from _common import emit, interleaved, load_line, median, preamble  # noqa: E402
 
 import mgic_transform as mt  # noqa: E402
 from mgic_transform.nn import transfer  # noqa: E402
@@ -58,34 +59,15 @@ class broadcast_matmul:
         transfer._grouped_matmul = self.saved
 
 
-def timed_variants(model, conv_model, x: torch.Tensor, rounds: int) -> dict[str, float]:
-    """Median ms of the whole network three ways, interleaved: broadcast matmul (before), now, oneDNN grouped conv."""
-    def before() -> None:
-        with torch.inference_mode(), broadcast_matmul():
-            model(x)
-
-    def now() -> None:
-        with torch.inference_mode():
-            model(x)
-
-    def conv() -> None:
-        with torch.inference_mode():
-            conv_model(x)
-    t = interleaved({"before": before, "now": now, "conv": conv}, rounds, warmup=2)
+def timed(variants: dict[str, tuple], x: torch.Tensor, rounds: int) -> dict[str, float]:
+    """Median ms of every ``name: (fn, broadcast)`` on ``x``, interleaved; ``broadcast`` runs it as before the change."""
+    def runner(fn, broadcast: bool):
+        def run() -> None:
+            with torch.inference_mode(), (broadcast_matmul() if broadcast else contextlib.nullcontext()):
+                fn(x)
+        return run
+    t = interleaved({k: runner(*v) for k, v in variants.items()}, rounds, warmup=2)
     return {k: 1e3 * median(v) for k, v in t.items()}
-
-
-def timed_pair(fn, x: torch.Tensor, rounds: int) -> tuple[float, float]:
-    """Median ms of ``fn(x)`` with the broadcast matmul (before) and as now, interleaved."""
-    def before() -> None:
-        with torch.inference_mode(), broadcast_matmul():
-            fn(x)
-
-    def now() -> None:
-        with torch.inference_mode():
-            fn(x)
-    t = interleaved({"before": before, "now": now}, rounds, warmup=2)
-    return 1e3 * median(t["before"]), 1e3 * median(t["now"])
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -122,7 +104,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     with broadcast_matmul():
                         ref = layer(x)
                     torch.testing.assert_close(layer(x), ref)
-                b, n = timed_pair(layer, x, rounds)
+                t = timed({"before": (layer, True), "now": (layer, False)}, x, rounds)
+                b, n = t["before"], t["now"]
                 layer_rows.append(f"| {th} | {bs} | {c_in} -> {c_out}, {g}, {hw}x{hw} | {b:.3f} | {n:.3f} | {n / b:.2f} |")
                 print(layer_rows[-1], file=sys.stderr, flush=True)
             for name, (gm, conv_gm) in nets.items():
@@ -130,16 +113,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                 with torch.inference_mode():
                     torch.testing.assert_close(conv_gm(x), gm(x), rtol=1e-4, atol=1e-4)
                 load = load_line()
-                t = timed_variants(gm, conv_gm, x, max(3, rounds * 2 // 3))
+                t = timed({"before": (gm, True), "now": (gm, False), "conv": (conv_gm, False)}, x,
+                          max(3, rounds * 2 // 3))
                 b, n, c = t["before"], t["now"], t["conv"]
                 net_rows.append(f"| {name} | {th} | {bs} | {b:.1f} | {n:.1f} | {c:.1f} | {n / b:.2f} | {c / b:.2f} | {load} |")
                 print(net_rows[-1], file=sys.stderr, flush=True)
     out = [
-        "# Ablation: PointwiseConv2d without matmul's per-image weight copy",
-        "",
-        f"- machine: {machine_line()}",
-        f"- code: {code_version()}",
-        f"- load: {started} at start, {load_line()} at end",
+        *preamble("Ablation: PointwiseConv2d without matmul's per-image weight copy", started),
         "- inference_mode, NCHW; medians of interleaved rounds (before = broadcast `torch.matmul`, now = "
         "`_grouped_matmul`); outputs checked equal",
         "",

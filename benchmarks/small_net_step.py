@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import code_version, count_params, emit, interleaved, load_line, machine_line, median  # noqa: E402
+from _common import count_params, emit, interleaved, load_line, median, preamble  # noqa: E402
 from accuracy_per_parameter import TASKS  # noqa: E402
 
 import mgic_transform as mt  # noqa: E402
@@ -117,11 +117,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         f"{ops / base[1]:.2f} | {calls} | {1e3 * ms / ops:.1f} |")
             print(rows[-1], file=sys.stderr, flush=True)
     out = [
-        "# Training-step time on the accuracy study's small networks: original vs thin vs MGIC",
-        "",
-        f"- machine: {machine_line()}",
-        f"- code: {code_version()}",
-        f"- load: {started} at start, {load_line()} at end",
+        *preamble("Training-step time on the accuracy study's small networks: original vs thin vs MGIC", started),
         f"- {args.threads} thread(s), batch {args.batch}; step = zero_grad + forward + backward + SGD step; "
         f"median of {rounds} interleaved rounds of 20 steps; ops = aten ops in one profiled step (nested ops "
         "counted too), module calls = `nn.Module` forward calls in one step",
