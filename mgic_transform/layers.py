@@ -37,6 +37,10 @@ column                     meaning
 ``pooling``                a max/avg pooling: may sit in a projection shortcut; a strided one
                            is dropped from a transition's levels (the connector downsamples).
 ``example_input``          ``module -> shape`` of the input a model starting with it takes.
+``inherit``                how ``init="inherit"`` builds a level's copy from the trained layer
+                           (``passes/inherit.py``): ``"conv"`` / ``"linear"`` (Galerkin product
+                           of the weight), ``"norm"`` (per-channel tensors restricted);
+                           ``None``: the level starts from scratch, with the reason.
 =========================  ===================================================================
 """
 
@@ -61,6 +65,7 @@ __all__ = [
     "LayerRule", "LAYER_RULES", "UNKNOWN", "VariantError", "rule_of", "layer_channel_dim", "is_channel_mixing",
     "allocates", "returns_input_in_place", "absorbs_batchnorm", "is_foldable_batchnorm", "is_known_leaf",
     "is_channel_norm", "is_projection", "is_pooling", "may_follow_as_tail", "example_input_shape", "has_weights", "reinstantiate", "instantiate",
+    "inheritance_kind",
 ]
 
 ResizeRule = Callable[[Any, int, "LevelSpec", Callable[[int], int]], nn.Module]
@@ -88,6 +93,7 @@ class LayerRule:
     projects: Callable[[nn.Module], bool] = lambda m: False
     pooling: bool = False
     example_input: Optional[Callable[[nn.Module], tuple[int, ...]]] = None
+    inherit: Optional[str] = None
 
 
 # ----------------------------------------------------------------------------- re-instantiating at a new width
@@ -214,9 +220,10 @@ _CONV = LayerRule(
     mixes_channels=lambda m: m.groups < m.in_channels,
     resize=_conv, allocates=True, absorbs_batchnorm=True, leaf=True, tail=False,
     projects=lambda m: all(k == 1 for k in m.kernel_size) and m.groups == 1,
-    example_input=lambda m: (1, m.in_channels, *_DEFAULT_SPATIAL[len(m.kernel_size)]),
+    example_input=lambda m: (1, m.in_channels, *_DEFAULT_SPATIAL[len(m.kernel_size)]), inherit="conv",
 )
-_NORM = LayerRule(types=(), channel_dim=lambda m, shape: 1, allocates=True, leaf=True, tail=True, norm=True)
+_NORM = LayerRule(types=(), channel_dim=lambda m, shape: 1, allocates=True, leaf=True, tail=True, norm=True,
+                  inherit="norm")
 
 #: The table. Order matters where types are related: first match wins.
 LAYER_RULES: tuple[LayerRule, ...] = (
@@ -226,14 +233,16 @@ LAYER_RULES: tuple[LayerRule, ...] = (
     LayerRule(
         types=(nn.Linear,), channel_dim=lambda m, shape: -1, mixes_channels=lambda m: True, resize=_linear,
         allocates=True, leaf=True, tail=False, projects=lambda m: True, example_input=lambda m: (1, m.in_features),
+        inherit="linear",
     ),
+    LayerRule(types=(GroupedLinear,), inherit="linear"),  # only inside MGIC blocks (channels-last levels, R/P)
     replace(_NORM, types=(nn.modules.batchnorm._BatchNorm,), resize=_batch_norm, folds_into_previous=True),
     replace(_NORM, types=(nn.modules.instancenorm._InstanceNorm,), resize=_batch_norm),
     replace(_NORM, types=(nn.GroupNorm,), resize=_group_norm),
     replace(_NORM, types=(nn.LayerNorm,), resize=_layer_norm, channel_dim=_layer_norm_dim, norm=False),
     LayerRule(  # allocation not claimed: kept as it was before the table
         types=(nn.PReLU,), channel_dim=lambda m, shape: 1 if m.num_parameters > 1 else None, resize=_prelu,
-        leaf=True, tail=True,
+        leaf=True, tail=True, inherit="norm",
     ),
     LayerRule(types=(nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd), allocates=True, pooling=True),
     LayerRule(types=(nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd), allocates=True),
@@ -283,6 +292,11 @@ def absorbs_batchnorm(module: nn.Module) -> bool:
     """Can an eval-mode BatchNorm right after ``module`` be folded into its weights (exact types only)?"""
     rule = rule_of(module)
     return rule.absorbs_batchnorm and type(module) in rule.types
+
+
+def inheritance_kind(module: Any) -> Optional[str]:
+    """How ``init="inherit"`` rebuilds ``module`` from a trained layer: ``"conv"``, ``"linear"``, ``"norm"`` or ``None``."""
+    return rule_of(module).inherit
 
 
 def is_foldable_batchnorm(module: nn.Module) -> bool:

@@ -316,3 +316,18 @@ def test_a_parameter_budget_search_inherits_too():
     gm = mt.mgicify(model, torch.randn(4, 16), target_params=0.9, init="inherit")
     rewritten = gm.meta["mgic"].rewritten
     assert rewritten and all(d.init and all(r.inherited for r in d.init) for d in rewritten)
+
+
+def test_the_layer_table_says_how_each_layer_is_inherited():
+    """``init="inherit"`` reads the one table of layer knowledge (``layers.LayerRule.inherit``)."""
+    from mgic_transform.layers import inheritance_kind
+    from mgic_transform.nn.transfer import GroupedLinear, PointwiseConv2d
+
+    kinds = {
+        nn.Conv1d(4, 4, 3): "conv", nn.Conv2d(4, 4, 3, groups=2): "conv", PointwiseConv2d(4, 8, 2): "conv",
+        nn.Linear(4, 4): "linear", GroupedLinear(4, 4, 2): "linear",
+        nn.BatchNorm2d(4): "norm", nn.GroupNorm(2, 4): "norm", nn.LayerNorm(4): "norm", nn.PReLU(4): "norm",
+        nn.InstanceNorm2d(4, affine=True): "norm",
+        nn.ConvTranspose2d(4, 4, 2): None, nn.ReLU(): None, nn.Embedding(4, 4): None,
+    }
+    assert {type(m).__name__: inheritance_kind(m) for m in kinds} == {type(m).__name__: k for m, k in kinds.items()}

@@ -64,6 +64,7 @@ from torch import nn
 
 from .._modcopy import fetch_attr
 from ..nn.mgic_block import MGICBlock
+from ..layers import inheritance_kind
 from ..nn.transfer import GroupedLinear
 from ..plan import BlockDecision
 
@@ -71,8 +72,6 @@ __all__ = ["LayerInit", "inherit_weights", "inherit_block", "coarsening", "galer
            "set_correction_scale", "DEFAULT_CORRECTION_SCALE"]
 
 DEFAULT_CORRECTION_SCALE = 0.0  # N_j = 0 beat 1 on validation on both tasks of benchmarks/compress_trained.py
-
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # PointwiseConvNd are subclasses
 
 _CHUNK = 1 << 24  # elements of an intermediate product in galerkin(); bounds memory for wide depthwise layers
 
@@ -199,7 +198,7 @@ def _restrict_vector(ops: _Widths, v: torch.Tensor, m: int) -> torch.Tensor:
 
 
 def _conv_rule(new: nn.Module, old: nn.Module, ops: _Widths) -> None:
-    if not isinstance(old, CONV_TYPES) or len(old.kernel_size) != len(new.kernel_size):
+    if inheritance_kind(old) != "conv" or len(old.kernel_size) != len(new.kernel_size):
         raise _Scratch(f"the original is a {type(old).__name__}, not a conv of the same dimensionality")
     if tuple(old.kernel_size) != tuple(new.kernel_size):
         raise _Scratch(f"kernel {tuple(old.kernel_size)} became {tuple(new.kernel_size)}")
@@ -222,7 +221,7 @@ def _linear_parts(mod: nn.Module) -> tuple[torch.Tensor, int, int, int]:
 
 
 def _linear_rule(new: nn.Module, old: nn.Module, ops: _Widths) -> None:
-    if not isinstance(old, (nn.Linear, GroupedLinear)):
+    if inheritance_kind(old) != "linear":
         raise _Scratch(f"the original is a {type(old).__name__}, not a Linear")
     w_old, g_old, i_old, o_old = _linear_parts(old)
     _, g_new, i_new, o_new = _linear_parts(new)
@@ -251,19 +250,14 @@ def _norm_rule(new: nn.Module, old: nn.Module, ops: _Widths) -> None:
         new.num_batches_tracked.copy_(old.num_batches_tracked)
 
 
-_RULES = (
-    (CONV_TYPES, _conv_rule),
-    ((nn.Linear, GroupedLinear), _linear_rule),
-    ((nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm, nn.PReLU),
-     _norm_rule),
-)
+_RULES = {"conv": _conv_rule, "linear": _linear_rule, "norm": _norm_rule}  # the kinds of layers.LayerRule.inherit
 
 
 def _inherit_layer(new: nn.Module, old: nn.Module, ops: _Widths) -> None:
-    for types, rule in _RULES:
-        if isinstance(new, types):
-            return rule(new, old, ops)
-    raise _Scratch(f"no inheritance rule for {type(new).__name__}")
+    kind = inheritance_kind(new)
+    if kind is None:
+        raise _Scratch(f"no inheritance rule for {type(new).__name__}")
+    _RULES[kind](new, old, ops)
 
 
 def _inherit_tensor(new: torch.Tensor, old: torch.Tensor, ops: _Widths) -> None:
