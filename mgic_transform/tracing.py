@@ -85,12 +85,24 @@ def writes_in_place(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
     return False
 
 
-# Ops whose result shares memory with their first argument: an in-place write into the result is a write into
-# the argument (``self.weight.data.clamp_()``, ``self.buf.view(-1).zero_()``, ``self.buf[0].add_(1)``).
-ALIASING_METHODS = frozenset({"detach", "view", "view_as", "reshape", "flatten", "unflatten", "unsqueeze", "squeeze",
-                              "t", "transpose", "permute", "expand", "expand_as", "narrow", "select", "as_strided",
-                              "unbind", "split", "chunk", "diagonal", "movedim", "swapaxes", "contiguous"})
+# Ops whose result always shares memory with their first argument: an in-place write into the result is a write
+# into the argument (``self.weight.data.clamp_()``, ``self.buf.view(-1).zero_()``, ``self.buf[0].add_(1)``).
+# Ops that *may* copy (``reshape``, ``flatten``, ``contiguous``, ``to``) are not followed: an in-place op on a copy
+# changes no state. A write they hide stays in the graph, where the rewrite sees the parameter used outside the block.
+ALIASING_METHODS = frozenset({"detach", "view", "view_as", "unflatten", "unsqueeze", "squeeze", "t", "transpose",
+                              "permute", "expand", "expand_as", "narrow", "select", "as_strided", "unbind", "split",
+                              "chunk", "diagonal", "movedim", "swapaxes", "swapdims", "moveaxis", "unfold"})
+ALIASING_FUNCTIONS = frozenset({torch.detach, torch.transpose, torch.select, torch.narrow, torch.unbind, torch.squeeze,
+                                torch.unsqueeze, torch.permute, torch.movedim, torch.moveaxis, torch.swapaxes,
+                                torch.swapdims, torch.t, torch.diagonal, torch.split, torch.chunk, torch.as_strided})
 ALIASING_ATTRIBUTES = frozenset({"data", "T", "mT", "H", "mH", "real", "imag"})
+NOT_DATA_WRITES = frozenset({"requires_grad_"})  # in-place on metadata only
+
+
+def _basic_index(index: Any) -> bool:
+    """Whether ``t[index]`` is a view: ints, slices, ``None`` and ``...`` only (a tensor or list index copies)."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return all(p is None or p is Ellipsis or isinstance(p, (int, slice)) for p in parts)
 
 
 def aliased_state(node: Any) -> Optional[torch.fx.Node]:
@@ -104,12 +116,14 @@ def aliased_state(node: Any) -> Optional[torch.fx.Node]:
         if node.op == "get_attr":
             return node
         first = node.args[0] if node.args else None
-        if node.op == "call_method" and node.target in ALIASING_METHODS:
+        if (node.op == "call_method" and node.target in ALIASING_METHODS) \
+                or (node.op == "call_function" and node.target in ALIASING_FUNCTIONS):
             node = first
         elif node.op == "call_function" and node.target is getattr and len(node.args) > 1 \
                 and node.args[1] in ALIASING_ATTRIBUTES:
             node = first
-        elif node.op == "call_function" and node.target is operator.getitem:
+        elif node.op == "call_function" and node.target is operator.getitem and len(node.args) > 1 \
+                and _basic_index(node.args[1]):
             node = first
         else:
             return None
@@ -154,7 +168,7 @@ class LeafTracer(torch.fx.Tracer):
         if (torch.is_grad_enabled(), torch.is_inference_mode_enabled()) != self._grad_mode:
             self._note(where, "changes the grad mode (torch.no_grad / enable_grad / inference_mode), which the "
                               "graph does not record")
-        if node.args and writes_in_place(node, {}):
+        if node.args and writes_in_place(node, {}) and node.target not in NOT_DATA_WRITES:
             state = aliased_state(node.args[0])
             if state is not None and state not in self._flag_nodes:
                 through = "" if state is node.args[0] else " (through a view or .data)"
@@ -285,8 +299,9 @@ class _StateSnapshot:
         self.tensors = [{k: (t, t._version, t.requires_grad, t.grad_fn)
                          for k, t in [*m._parameters.items(), *m._buffers.items()] if t is not None}
                         for _, m in self.modules]
-        self.values = {id(t): t.detach().clone() for reg in self.tensors for t, *_ in reg.values()
-                       if not isinstance(t, nn.Parameter)}
+        # Values of every tensor, parameters included: a write through ``.data`` (its own version counter) or
+        # on a tensor that ``parameters()`` handed out during tracing runs on the real, shared weights.
+        self.values = {id(t): t.detach().clone() for reg in self.tensors for t, *_ in reg.values() if _comparable(t)}
 
     def changes(self, graph: torch.fx.Graph) -> list[StateChange]:
         """What changed; tensor constants torch.fx itself stores on the root (``_tensor_constant0``) do not count."""
@@ -297,7 +312,8 @@ class _StateSnapshot:
                 if t is None and k not in tensors:
                     continue
                 before = tensors.get(k)
-                if before is None or t is not before[0] or (t._version, t.requires_grad, t.grad_fn) != tuple(before[1:]):
+                if before is None or t is not before[0] or (t._version, t.requires_grad, t.grad_fn) != tuple(before[1:]) \
+                        or (id(t) in self.values and not _same_values(t, self.values[id(t)])):
                     found.append(StateChange(path, f"writes {k!r} in place"))
             for k, v in m.__dict__.items():
                 if k in _TRACER_OWNED or (k not in attrs and (f"{path}.{k}" if path else k) in constants):
@@ -318,9 +334,32 @@ class _StateSnapshot:
                     _refill(v, contents)
             for k, (t, *_rest) in tensors.items():
                 registry = m._parameters if k in m._parameters else m._buffers
-                if id(t) in self.values and (t._version, t.requires_grad, t.grad_fn) != tuple(_rest):
-                    t = self.values[id(t)].clone()  # a fresh tensor: the traced write may have given it a grad_fn
+                saved = self.values.get(id(t))
+                if isinstance(t, nn.Parameter):  # shared with the user's model: put the values back in place
+                    if saved is not None and not _same_values(t, saved):
+                        with torch.no_grad():
+                            t.copy_(saved)
+                elif saved is not None and ((t._version, t.requires_grad, t.grad_fn) != tuple(_rest)
+                                            or not _same_values(t, saved)):
+                    t = saved.clone()  # a fresh tensor: the traced write may have given it a grad_fn
                 registry[k] = t
+
+
+def _comparable(t: torch.Tensor) -> bool:
+    """A tensor with values to snapshot (not meta, not an uninitialised lazy parameter)."""
+    return t.device.type != "meta" and not isinstance(t, nn.parameter.UninitializedTensorMixin)
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, NaNs in the same places counting as equal."""
+    a = a.detach()
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if torch.equal(a, b):
+        return True
+    if a.is_floating_point() or a.is_complex():
+        return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
+    return False
 
 
 def _contents(v: Any) -> Any:
@@ -440,9 +479,16 @@ def trace(
             break
         snapshot.restore()
         earlier = set(auto)
+        named = dict(model.named_modules(remove_duplicate=False))
+
+        def traced_through(path: str) -> bool:
+            """Did this trace run the module's own forward (not a leaf, neither by rule nor from an earlier round)?"""
+            module = named.get(path)
+            return path not in earlier and (module is None or not tracer.is_leaf_module(module, path))
+
         for change in changes:
             path = change.path
-            while path in earlier:  # a leaf's own forward did not run: whoever changed it is further out
+            while path and not traced_through(path):  # a leaf's own forward did not run: the writer is further out
                 path = path.rpartition(".")[0]
             if not path:
                 raise TraceError(

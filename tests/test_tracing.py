@@ -2,6 +2,8 @@
 
 import re
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -267,6 +269,70 @@ def test_regression_weight_written_through_data_or_a_view_is_kept(how):
     gm(torch.randn(2, 3, 8, 8))
     w = gm.get_submodule("conv").inner.weight
     assert (w.abs().max() <= 0.01) if how == "data" else torch.equal(w.view(-1)[:4], torch.zeros(4))
+
+
+class _ClipAll(nn.Module):
+    """The WGAN idiom: ``for p in self.parameters(): p.data.clamp_(...)``. ``parameters()`` hands out the real
+    tensors while tracing, so the clamp runs at trace time on the weights the input model shares."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.inner = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        for p in self.inner.parameters():
+            p.data.clamp_(-0.01, 0.01)
+        return self.inner(x)
+
+
+class _ClippedAll(_Clipped):
+    def __init__(self, c=16):
+        super().__init__("data", c)
+        self.conv = _ClipAll(c)
+
+
+# regression B41: a write on the real parameters during tracing (WGAN clipping over parameters()) changed the
+# input model's weights and vanished from the result
+def test_regression_weight_clipping_over_parameters_is_kept_and_the_input_model_untouched():
+    torch.manual_seed(0)
+    model = _ClippedAll()
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match="kept whole.*'conv' writes 'weight' in place"):
+        gm = mt.mgicify(model, torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=4)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # the input model is untouched
+    assert dict(gm.meta["state_leaves"]).keys() == {"conv"}
+    gm(torch.randn(2, 3, 8, 8))
+    assert gm.get_submodule("conv").inner.weight.abs().max() <= 0.01  # and the result still clips
+
+
+class _CopiesOfState(nn.Module):
+    """In-place ops on *copies* of parameters and buffers: no state changes (advanced indexing, reshape or
+    contiguous of a non-contiguous tensor, ``requires_grad_`` on a detached tensor)."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem, self.c1, self.c2 = nn.Conv2d(3, c, 1), nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+        self.gain = nn.Parameter(torch.ones(c))
+        self.register_buffer("perm", torch.randperm(c))
+
+    def forward(self, x):
+        g = self.gain[self.perm]
+        g *= 2
+        w = self.c1.weight.transpose(0, 1).contiguous()
+        w.mul_(2)
+        v = self.c1.weight.transpose(0, 1).reshape(-1)
+        v.mul_(2)
+        self.gain.detach().requires_grad_()
+        x = self.stem(x)
+        return (x + self.c2(torch.relu(self.c1(x)))) * g.view(1, -1, 1, 1) + w.sum() + v.sum()
+
+
+def test_in_place_ops_on_copies_of_state_are_not_state_changes():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "kept whole" warning either
+        gm = mt.mgicify(_CopiesOfState(), torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=4)
+    assert gm.meta["state_leaves"] == ()
 
 
 def test_regression_weight_written_through_data_in_the_models_own_forward_is_refused():
