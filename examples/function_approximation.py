@@ -63,7 +63,7 @@ import torch
 import torch.nn as nn
 
 import mgic_transform
-from mgic_transform.report import count_flops
+from mgic_transform.report import count_flops, count_params
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import FunctionApproxNet  # noqa: E402
@@ -151,10 +151,6 @@ def build(kind: str, c_max: int, args: argparse.Namespace, seed: int, width_mult
     )
 
 
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def thin_width_mult(c_max: int, target_params: int, args: argparse.Namespace) -> float:
     """The largest width multiplier whose thin network has at most ``target_params`` parameters (bisection)."""
     lo, hi = 0.01, 1.0
@@ -207,18 +203,6 @@ def train_one(name: str, model: nn.Module, data, seed: int, args: argparse.Names
 
 
 # ----------------------------------------------------------------------------- analysis
-def interp_loglog(px: float, xs: list[float], ys: list[float]) -> float | None:
-    """Piecewise-linear interpolation of log(y) over log(x); None outside ``xs``' range."""
-    pts = sorted(zip(xs, ys))
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-        if x0 <= px <= x1:
-            t = (math.log(px) - math.log(x0)) / (math.log(x1) - math.log(x0)) if x1 > x0 else 0.0
-            return math.exp(math.log(y0) + t * (math.log(y1) - math.log(y0)))
-    if len(pts) == 1 and pts[0][0] == px:
-        return pts[0][1]
-    return None
-
-
 def _order(m: dict, o: dict, tol: float) -> int:
     """-1 if ``m``'s MSE is clearly lower than ``o``'s, +1 if clearly higher, 0 if within noise.
 

@@ -307,8 +307,8 @@ def compare(
         skip=tuple(plan.skip) if plan is not None else (),
         rule=plan.rule if plan is not None else None,
         budget=plan.budget if plan is not None else None,
-        init=getattr(plan, "init", "scratch") if plan is not None else None,  # getattr: plans pickled before the field
-        checkpoint=getattr(plan, "checkpoint", False) if plan is not None else False,
+        init=plan.init if plan is not None else None,  # a plan pickled before the field reads the class default
+        checkpoint=plan.checkpoint if plan is not None else False,
         uncounted_ops_before=_sorted_ops(before.uncounted),
         uncounted_ops_after=_sorted_ops(after.uncounted),
         notes=tuple(notes),

@@ -105,6 +105,19 @@ def _basic_index(index: Any) -> bool:
     return all(p is None or p is Ellipsis or isinstance(p, (int, slice)) for p in parts)
 
 
+def _aliases_first_argument(node: torch.fx.Node) -> bool:
+    """Does ``node``'s value always share memory with its first argument (a view, ``.data``, basic indexing)?"""
+    if node.op == "call_method":
+        return node.target in ALIASING_METHODS
+    if node.op != "call_function" or not node.args:
+        return False
+    if node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in ALIASING_ATTRIBUTES
+    if node.target is operator.getitem:
+        return len(node.args) > 1 and _basic_index(node.args[1])
+    return node.target in ALIASING_FUNCTIONS
+
+
 def aliased_state(node: Any) -> Optional[torch.fx.Node]:
     """The ``get_attr`` node (a parameter or buffer) whose memory ``node``'s value shares, if any.
 
@@ -115,18 +128,9 @@ def aliased_state(node: Any) -> Optional[torch.fx.Node]:
     while isinstance(node, torch.fx.Node):
         if node.op == "get_attr":
             return node
-        first = node.args[0] if node.args else None
-        if (node.op == "call_method" and node.target in ALIASING_METHODS) \
-                or (node.op == "call_function" and node.target in ALIASING_FUNCTIONS):
-            node = first
-        elif node.op == "call_function" and node.target is getattr and len(node.args) > 1 \
-                and node.args[1] in ALIASING_ATTRIBUTES:
-            node = first
-        elif node.op == "call_function" and node.target is operator.getitem and len(node.args) > 1 \
-                and _basic_index(node.args[1]):
-            node = first
-        else:
+        if not node.args or not _aliases_first_argument(node):
             return None
+        node = node.args[0]
     return None
 
 
