@@ -11,7 +11,7 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Optional
 
-__all__ = ["BlockDecision", "Budget", "Decline", "MGICPlan", "REWRITTEN", "SKIPPED"]
+__all__ = ["BlockDecision", "BlockFit", "Budget", "Decline", "MGICPlan", "REWRITTEN", "SKIPPED"]
 
 REWRITTEN = "rewritten"
 SKIPPED = "skipped"
@@ -36,6 +36,33 @@ class Decline(str, enum.Enum):
     NOT_SMALLER = "not_smaller"  # the MGIC block would have as many parameters or more
 
 BlockKind = Literal["residual", "layer", "transition"]
+
+
+@dataclass(frozen=True)
+class BlockFit:
+    """What calibration did to one rewritten block (``init="calibrate"`` / :func:`mgic_transform.calibrate`).
+
+    Errors are relative output errors ``||MGIC(x) - target|| / ||target||`` over the
+    calibration inputs ``x`` the block receives in the transformed network, where
+    ``target`` is the original network's activation at the block's exit.
+
+    Attributes:
+        error_before: with the weights the block started from (the Galerkin init).
+        error_after: after fitting.
+        steps: optimizer steps taken.
+        samples: calibration samples the block was fitted on.
+        seconds: wall time of this block's fit.
+    """
+
+    error_before: float
+    error_after: float
+    steps: int
+    samples: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
 
 
 @dataclass(frozen=True)
@@ -68,6 +95,7 @@ class BlockDecision:
         init: with ``mgicify(..., init="inherit")``, how every layer and tensor of the block was
             initialised (:class:`~mgic_transform.passes.inherit.LayerInit`: inherited, or scratch
             and why); empty with the default ``init="scratch"``.
+        fit: with calibration, the block's output error before and after fitting (:class:`BlockFit`).
     """
 
     path: str
@@ -89,6 +117,7 @@ class BlockDecision:
     decline: Optional[Decline] = None
     skip_pattern: Optional[str] = None
     init: tuple[Any, ...] = ()
+    fit: Optional[BlockFit] = None
 
     @property
     def rewritten(self) -> bool:
@@ -99,6 +128,7 @@ class BlockDecision:
         for k in ("levels", "groups", "group_sizes", "nodes", "layers", "init"):
             d[k] = list(d[k])
         d["decline"] = self.decline.value if self.decline is not None else None
+        d["fit"] = self.fit.to_dict() if self.fit is not None else None
         return d
 
 
