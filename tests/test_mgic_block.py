@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import mgic_transform as mt
@@ -365,3 +366,65 @@ def test_in_place_fast_path_is_the_reference(grad_mode, training, connector, coa
         assert got.data_ptr() != arg.data_ptr() and not torch.equal(arg, x)
     else:  # the caller's tensor is never written otherwise (a connector's output is the block's own)
         torch.testing.assert_close(arg, x, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- fewer ops, same layer
+
+
+def aten_ops(fn) -> int:
+    """``aten::`` events torch.profiler records for one call of ``fn`` (nested calls included): deterministic."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.name.startswith("aten::") for e in prof.events())
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_pointwise_conv_at_batch_one_is_three_views_and_a_bmm(bias):
+    """One image: view the weight, view the input, one ``bmm`` (3 events with its two ``resolve_conj``), view the output.
+
+    The former ``flatten``/``unflatten`` chain took 17 events; a bias adds its ``view`` and ``add_``.
+    """
+    layer = POINTWISE_BY_DIMS[2](64, 32, 4, bias=bias)
+    x = torch.randn(1, 64, 7, 7)
+    with torch.no_grad():
+        assert aten_ops(lambda: layer(x)) == 6 + 2 * bias
+
+
+def test_pointwise_conv_weight_stays_the_conv_weight_through_training_and_conversion():
+    """The ``(G, o, i)`` view is taken per call: right after an optimizer step, ``load_state_dict`` and ``.to()``."""
+    torch.manual_seed(0)
+    fast = POINTWISE_BY_DIMS[2](16, 8, 4, bias=True)
+    assert fast.weight.shape == (8, 4, 1, 1) and set(fast.state_dict()) == {"weight", "bias"}
+    conv = nn.Conv2d(16, 8, 1, groups=4)
+    fast.load_state_dict(conv.state_dict())  # a plain conv's state_dict loads, and the other way round
+    conv.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 16, 5, 5)
+    opt = torch.optim.SGD(fast.parameters(), lr=0.5)
+    fast(x).square().sum().backward()
+    opt.step()
+    assert not torch.allclose(fast.weight, conv.weight)  # the step changed the weights in place
+    torch.testing.assert_close(fast(x), F.conv2d(x, fast.weight, fast.bias, groups=4))
+    fast.to(torch.float64)
+    torch.testing.assert_close(fast(x.double()), F.conv2d(x.double(), fast.weight, fast.bias, groups=4))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_pointwise_conv_under_torch_compile_does_not_branch_on_the_batch(batch):
+    """Compiled, the layer is one ``matmul`` whatever the batch (no guard on ``N == 1``), and computes the conv."""
+    torch._dynamo.reset()
+    layer = POINTWISE_BY_DIMS[2](16, 8, 4).eval()
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    x = torch.randn(batch, 16, 5, 5)
+    with torch.no_grad():
+        out = torch.compile(layer, backend=record, dynamic=False)(x)
+    torch.testing.assert_close(out, F.conv2d(x, layer.weight, layer.bias, groups=4))
+    targets = [n.target for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert torch.matmul in targets and torch.bmm not in targets, targets

@@ -62,42 +62,70 @@ class _PointwiseMixin:
         return conv.train(self.training)  # type: ignore[attr-defined]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A tensor in another memory format would be copied by the view below; a
-        # torch.fx Proxy (symbolic tracing) is not a Tensor and records the matmul.
+        # A tensor in another memory format would be copied by the views below; a
+        # torch.fx Proxy (symbolic tracing) is not a Tensor and records a matmul.
         if self.groups == 1 or (isinstance(x, torch.Tensor) and not x.is_contiguous()):
             return super().forward(x)  # type: ignore[misc]
-        dims, g = len(self.kernel_size), self.groups
-        w = self.weight.view(g, self.out_channels // g, self.in_channels // g)
-        xg = x.flatten(-dims).unflatten(-2, (g, -1))  # (N, G, i, pixels), a view
-        y = _grouped_matmul(w, xg) if isinstance(x, torch.Tensor) else torch.matmul(w, xg)  # (N, G, o, pixels)
-        if self.bias is not None:  # in place: matmul does not save its output for backward
-            y = y.add_(self.bias.view(g, -1, 1))
-        return y.flatten(-3, -2).unflatten(-1, x.shape[-dims:])
+        if not isinstance(x, torch.Tensor):
+            return _symbolic_pointwise(x, self.weight, self.bias, self.groups, len(self.kernel_size))
+        return grouped_pointwise(x, self.weight, self.bias, self.groups)
+
+
+def grouped_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int) -> torch.Tensor:
+    """``F.conv{1,2,3}d(x, weight, bias, groups=groups)`` for a kernel-1 ``weight`` and a contiguous ``x``.
+
+    ``weight`` is the convolution's own ``(out, in / groups, 1, ...)`` tensor, viewed
+    per call as ``(groups, o, i)`` (a view: correct after optimizer steps,
+    ``load_state_dict`` and ``.to()``, and it carries autograd). ``x`` is viewed,
+    never copied, as ``(groups, i, pixels)`` per image; the product's
+    ``(groups, o, pixels)`` is already the output's memory layout, so one ``view``
+    gives the ``(N, out, *spatial)`` result. At batch 1 that is 6 aten ops (3 views
+    and a ``bmm``) where the former ``flatten``/``unflatten`` chain took 17.
+    """
+    out_c, dims = weight.shape[0], weight.dim() - 2
+    w = weight.view(groups, out_c // groups, -1)
+    shape = x.shape
+    batch, spatial = shape[:-dims - 1], shape[-dims:]
+    if torch.compiler.is_compiling():  # no branch on the (possibly symbolic) batch size: one matmul
+        y = torch.matmul(w, x.view(*batch, groups, w.shape[2], -1))
+    elif not batch or shape[0] == 1:  # unbatched (C, *spatial), or one image: a plain bmm over the groups
+        y = torch.bmm(w, x.view(groups, w.shape[2], math.prod(spatial)))
+    else:
+        y = _grouped_matmul(w, x.view(shape[0], groups, w.shape[2], math.prod(spatial)))
+    if bias is not None:  # in place: bmm / matmul do not save their output for backward
+        y = y.add_(bias.view(groups, -1, 1))
+    return y.view(*batch, out_c, *spatial)
+
+
+def _symbolic_pointwise(x, weight, bias, groups: int, dims: int):
+    """The grouped 1x1 as ``torch.matmul`` on views, for a ``torch.fx`` Proxy (shapes unknown while tracing)."""
+    w = weight.view(groups, weight.shape[0] // groups, weight.shape[1])
+    xg = x.flatten(-dims).unflatten(-2, (groups, -1))  # (N, G, i, pixels), a view
+    y = torch.matmul(w, xg)  # (N, G, o, pixels)
+    if bias is not None:
+        y = y.add_(bias.view(groups, -1, 1))
+    return y.flatten(-3, -2).unflatten(-1, x.shape[-dims:])
 
 
 def _grouped_matmul(w: torch.Tensor, xg: torch.Tensor) -> torch.Tensor:
-    """``torch.matmul(w, xg)`` for ``w (G, o, i)`` and ``xg ([N,] G, i, P)``, without copying ``w`` per image.
+    """``torch.matmul(w, xg)`` for ``w (G, o, i)`` and ``xg (N, G, i, P)``, without copying ``w`` per image.
 
     ``torch.matmul`` broadcasts ``w`` over the batch by expanding it to
     ``(N, G, o, i)`` and reshaping that to ``(N * G, o, i)``: a copy of the weight
     per image (and, in the backward pass, a ``sum`` over the batch). At 7x7 maps
-    the copy is a third of the input's size. One image is a plain ``bmm`` over the
-    groups; without autograd, several images are one ``bmm`` each, written into
-    one output. Same products, same sums: the result is the same.
+    the copy is a third of the input's size. Without autograd, the images are one
+    ``bmm`` each, written into one output. Same products, same sums: the result is
+    the same.
 
     Under ``torch.compile`` (and ``torch.export``) it is plain ``torch.matmul``: inductor
     plans the broadcast itself, and a Python loop of ``out=`` products traced into the
     graph made the compiled MGIC ResNet-50 slower than eager (batch 8, 2 threads: 367 vs
     272 ms compiled with ``matmul``; ``benchmarks/results/compile_inference.md``).
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (w.requires_grad or xg.requires_grad)):
         return torch.matmul(w, xg)
     if xg.dim() == 3:
         return torch.bmm(w, xg)
-    if xg.shape[0] == 1:
-        return torch.bmm(w, xg[0]).unsqueeze(0)
-    if torch.is_grad_enabled() and (w.requires_grad or xg.requires_grad):
-        return torch.matmul(w, xg)
     y = xg.new_empty(xg.shape[0], w.shape[0], w.shape[1], xg.shape[-1])
     for n in range(xg.shape[0]):
         torch.bmm(w, xg[n], out=y[n])
