@@ -382,15 +382,16 @@ def aten_ops(fn) -> int:
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_pointwise_conv_at_batch_one_is_three_views_and_a_bmm(bias):
-    """One image: view the weight, view the input, one ``bmm`` (3 events with its two ``resolve_conj``), view the output.
+def test_pointwise_conv_at_batch_one_is_two_views_and_a_bmm(bias):
+    """One image: view the input, one ``bmm`` (3 events with its two ``resolve_conj``), view the output.
 
+    The weight's ``(G, o, i)`` view is cached after the first call (``aten_ops`` calls once unprofiled).
     The former ``flatten``/``unflatten`` chain took 17 events; a bias adds its ``view`` and ``add_``.
     """
     layer = POINTWISE_BY_DIMS[2](64, 32, 4, bias=bias)
     x = torch.randn(1, 64, 7, 7)
     with torch.no_grad():
-        assert aten_ops(lambda: layer(x)) == 6 + 2 * bias
+        assert aten_ops(lambda: layer(x)) == 5 + 2 * bias
 
 
 def test_pointwise_conv_weight_stays_the_conv_weight_through_training_and_conversion():
@@ -428,3 +429,38 @@ def test_pointwise_conv_under_torch_compile_does_not_branch_on_the_batch(batch):
     torch.testing.assert_close(out, F.conv2d(x, layer.weight, layer.bias, groups=4))
     targets = [n.target for g in graphs for n in g.graph.nodes if n.op == "call_function"]
     assert torch.matmul in targets and torch.bmm not in targets, targets
+
+
+def test_pointwise_conv_weight_view_cache_is_never_stale():
+    """The cached ``(G, o, i)`` view follows every way a weight can change, and every grad mode."""
+    import pickle
+
+    torch.manual_seed(0)
+    layer = POINTWISE_BY_DIMS[2](16, 8, 4, bias=False)
+    x = torch.randn(1, 16, 3, 3)
+
+    def check():
+        torch.testing.assert_close(layer(x), F.conv2d(x, layer.weight, None, groups=4), rtol=0, atol=1e-6)
+
+    with torch.no_grad():
+        check()  # cached without autograd ...
+    y = layer(x)  # ... then used with it: must rebuild, or the weight would get no gradient
+    y.sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        layer.weight.mul_(2)  # in place (an optimizer step): the view shows it
+    check()
+    layer.weight.data = torch.randn(8, 4, 1, 1)  # new memory behind the same Parameter
+    check()
+    layer.weight = nn.Parameter(torch.randn(8, 4, 1, 1))  # a new Parameter
+    check()
+    layer.weight.requires_grad_(False)  # frozen: no graph may lead into the weight
+    assert not layer(x).requires_grad
+    layer.load_state_dict({"weight": torch.randn(8, 4, 1, 1)})
+    check()
+    copied = pickle.loads(pickle.dumps(layer))  # torch.save / deepcopy carry no cache
+    assert "_weight_view" not in copied.__dict__ and "_weight_view" in layer.__dict__
+    torch.testing.assert_close(copied(x), layer(x))
+    params = {"weight": torch.randn(8, 4, 1, 1)}  # torch.func substitutes tensors: used, never cached
+    torch.testing.assert_close(torch.func.functional_call(layer, params, (x,)), F.conv2d(x, params["weight"], groups=4))
+    check()

@@ -100,6 +100,46 @@ def _residual(y: torch.Tensor, restricted: torch.Tensor, in_place: bool = True) 
     return y.sub_(restricted) if in_place and _writable(y, restricted) else y - restricted
 
 
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _normalized(norm: nn.Module, prolonged: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """``N_j(P_j r)``; an eval-mode BatchNorm in place, as one ``addcmul`` into the block's own ``P_j r``.
+
+    In eval mode a BatchNorm is the per-channel affine map ``p * a + b`` with
+    ``a = weight / sqrt(running_var + eps)`` and ``b = bias - running_mean * a``, which
+    is also how PyTorch's CPU kernel computes it. Computed here per call (7 aten ops
+    against the module's 10, and none of its Python), never cached: running statistics
+    change without a version bump. Only on the in-place path (no autograd, no hooks,
+    :func:`unobserved`) and only for PyTorch's own ``BatchNorm{1,2,3}d`` with running
+    statistics and affine parameters; anything else is called as the module it is.
+    """
+    if not (in_place and type(norm) in _BATCH_NORMS and not norm.training and norm.running_var is not None
+            and norm.weight is not None and prolonged.dim() >= 2 and _writable(prolonged, prolonged)):
+        return norm(prolonged)
+    scale = torch.add(norm.running_var, _scalar(norm.eps, norm.running_var)).rsqrt_().mul_(norm.weight)
+    shift = torch.addcmul(norm.bias, norm.running_mean, scale, value=-1)
+    per_channel = (-1,) + (1,) * (prolonged.dim() - 2)
+    return torch.addcmul(shift.view(per_channel), prolonged, scale.view(per_channel), out=prolonged)
+
+
+_SCALARS: dict[tuple, torch.Tensor] = {}
+
+
+def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
+    """``value`` as a 0-dim tensor of ``like``'s dtype and device, made once per (value, dtype, device).
+
+    ``tensor + 1e-5`` wraps the Python float into a tensor on every call (4 aten ops
+    besides the add, as does a 0-dim tensor of another dtype); this one is added as it is.
+    """
+    key = (value, like.dtype, like.device)
+    t = _SCALARS.get(key)
+    if t is None:
+        with torch.inference_mode(False), torch.no_grad():
+            t = _SCALARS.setdefault(key, torch.tensor(value, dtype=like.dtype, device=like.device))
+    return t
+
+
 def _corrected(x: torch.Tensor, correction: torch.Tensor, may_overwrite_x: bool, in_place: bool = True) -> torch.Tensor:
     """The corrected fine maps ``x_j + N_j(P_j(.))``, written into ``x`` (if the caller allows) or ``correction``."""
     if in_place and may_overwrite_x and _writable(x, correction):
@@ -186,7 +226,7 @@ class MGICBlock(nn.Module):
             del y, restricted  # the coarse maps are dead: release them before the finer level runs
             prolonged = self.prolong[j](residual)
             del residual  # before N_j runs: at most two full-width maps besides x_j
-            correction = self.norms[j](prolonged)
+            correction = _normalized(self.norms[j], prolonged, in_place)
             del prolonged
             y = _corrected(xs[-1], correction, may_overwrite_x=j == 0 and overwrite_input, in_place=in_place)
             del correction

@@ -68,33 +68,58 @@ class _PointwiseMixin:
             return super().forward(x)  # type: ignore[misc]
         if not isinstance(x, torch.Tensor):
             return _symbolic_pointwise(x, self.weight, self.bias, self.groups, len(self.kernel_size))
-        return grouped_pointwise(x, self.weight, self.bias, self.groups)
+        return grouped_pointwise(x, self.grouped_weight(), self.bias, len(self.kernel_size))
+
+    def grouped_weight(self) -> torch.Tensor:
+        """The weight as ``(groups, out / groups, in / groups)``: a view of the parameter, cached between calls.
+
+        The cache is a view, so in-place updates (optimizer steps, ``load_state_dict``)
+        show through it. It is rebuilt whenever it could be stale or carry the wrong
+        autograd state: another weight object (``module.weight = ...``, ``.to()`` with
+        new parameters, ``torch.func`` substituting tensors: not cached at all), other
+        memory (``.data = ...``, ``.to()``, ``share_memory_()``), or a different
+        ``requires_grad`` (grad mode toggled, ``requires_grad_(False)``). Never cached under
+        ``torch.compile``, never pickled or deep-copied (``__getstate__``).
+        """
+        w = self.weight
+        if torch.compiler.is_compiling() or type(w) is not nn.Parameter:
+            return w.view(self.groups, self.out_channels // self.groups, -1)
+        grad = w.requires_grad and torch.is_grad_enabled()
+        cached = self.__dict__.get("_weight_view")
+        if cached is not None and cached[0] is w and cached[2] == grad and cached[1].data_ptr() == w.data_ptr():
+            return cached[1]
+        view = w.view(self.groups, self.out_channels // self.groups, -1)
+        self.__dict__["_weight_view"] = (w, view, grad)
+        return view
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())  # type: ignore[misc]
+        state.pop("_weight_view", None)
+        return state
 
 
-def grouped_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int) -> torch.Tensor:
-    """``F.conv{1,2,3}d(x, weight, bias, groups=groups)`` for a kernel-1 ``weight`` and a contiguous ``x``.
+def grouped_pointwise(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, dims: int) -> torch.Tensor:
+    """A grouped kernel-1 convolution of a contiguous ``x`` with ``w`` viewed as ``(groups, o, i)``.
 
-    ``weight`` is the convolution's own ``(out, in / groups, 1, ...)`` tensor, viewed
-    per call as ``(groups, o, i)`` (a view: correct after optimizer steps,
-    ``load_state_dict`` and ``.to()``, and it carries autograd). ``x`` is viewed,
-    never copied, as ``(groups, i, pixels)`` per image; the product's
-    ``(groups, o, pixels)`` is already the output's memory layout, so one ``view``
-    gives the ``(N, out, *spatial)`` result. At batch 1 that is 6 aten ops (3 views
-    and a ``bmm``) where the former ``flatten``/``unflatten`` chain took 17.
+    ``F.conv{dims}d(x, weight, bias, groups=G)`` for the ``(G * o, i, 1, ...)`` ``weight``
+    that ``w`` views. ``x`` (``(N, G * i, *spatial)`` or unbatched) is viewed, never
+    copied, as ``(G, i, pixels)`` per image; the product's ``(G, o, pixels)`` is already
+    the output's memory layout, so one ``view`` gives the ``(N, G * o, *spatial)`` result.
+    At batch 1 that is 5 aten ops (2 views and a ``bmm`` with its two ``resolve_conj``),
+    where the former ``flatten``/``unflatten`` chain took 17.
     """
-    out_c, dims = weight.shape[0], weight.dim() - 2
-    w = weight.view(groups, out_c // groups, -1)
+    groups, o, i = w.shape
     shape = x.shape
     batch, spatial = shape[:-dims - 1], shape[-dims:]
     if torch.compiler.is_compiling():  # no branch on the (possibly symbolic) batch size: one matmul
-        y = torch.matmul(w, x.view(*batch, groups, w.shape[2], -1))
+        y = torch.matmul(w, x.view(*batch, groups, i, -1))
     elif not batch or shape[0] == 1:  # unbatched (C, *spatial), or one image: a plain bmm over the groups
-        y = torch.bmm(w, x.view(groups, w.shape[2], math.prod(spatial)))
+        y = torch.bmm(w, x.view(groups, i, math.prod(spatial)))
     else:
-        y = _grouped_matmul(w, x.view(shape[0], groups, w.shape[2], math.prod(spatial)))
+        y = _grouped_matmul(w, x.view(shape[0], groups, i, math.prod(spatial)))
     if bias is not None:  # in place: bmm / matmul do not save their output for backward
-        y = y.add_(bias.view(groups, -1, 1))
-    return y.view(*batch, out_c, *spatial)
+        y = y.add_(bias.view(groups, o, 1))
+    return y.view(*batch, groups * o, *spatial)
 
 
 def _symbolic_pointwise(x, weight, bias, groups: int, dims: int):
