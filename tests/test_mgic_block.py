@@ -464,3 +464,90 @@ def test_pointwise_conv_weight_view_cache_is_never_stale():
     params = {"weight": torch.randn(8, 4, 1, 1)}  # torch.func substitutes tensors: used, never cached
     torch.testing.assert_close(torch.func.functional_call(layer, params, (x,)), F.conv2d(x, params["weight"], groups=4))
     check()
+
+
+def _random_mgic_nd(dims, widths=(32, 16, 8), s_g=4):
+    """Like ``_random_mgic``, for 1-, 2- or 3-d maps: grouped conv-BN-ReLU levels, random weights and statistics."""
+    conv, bn = CONV_BY_DIMS[dims], {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
+    space = {"spatial_dims": dims, "channels_last": False}
+    pairs = list(zip(widths, widths[1:]))
+    levels = [nn.Sequential(conv(c, c, 3, padding=1, groups=max(1, c // s_g) if c != widths[-1] else 1), bn(c), nn.ReLU())
+              for c in widths]
+    block = MGICBlock(levels,
+                      [make_transfer(f, c, transfer_groups(f, c, s_g), **space) for f, c in pairs],
+                      [make_transfer(c, f, transfer_groups(f, c, s_g), **space) for f, c in pairs],
+                      [make_residual_norm(f, **space) for f, _ in pairs])
+    with torch.no_grad():
+        for m in block.modules():
+            for p in m.parameters(recurse=False):
+                p.copy_(torch.randn_like(p) * 0.5)
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn_like(m.running_mean))
+                m.running_var.copy_(torch.rand_like(m.running_var) + 0.5)
+    return block
+
+
+@pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("dims, layout", [(1, "nchw"), (2, "nchw"), (2, "channels_last"), (3, "nchw")])
+def test_fast_inference_path_is_the_reference_in_every_layout(dims, layout, batch, grad_mode):
+    """The eval fast path (grouped 1x1 as ``bmm``, ``N_j`` as one ``addcmul``, in-place residuals) computes Algorithm 1.
+
+    1-, 2- and 3-d maps, channels-last (the grouped 1x1 then runs PyTorch's conv), one image and several.
+    """
+    torch.manual_seed(0)
+    block = _random_mgic_nd(dims).eval()
+    x = torch.randn(batch, 32, *(6,) * dims)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = reference_forward(block, x.clone())
+    assert not torch.allclose(ref, block.levels[0](x))  # the coarse levels contribute
+    with grad_mode():
+        got = block(x.clone(), overwrite_input=True)
+    torch.testing.assert_close(got, ref)
+
+
+def test_hooks_on_the_machinery_fire_and_see_what_the_modules_computed():
+    """A hook on ``N_j`` (or ``P_j``) sends the block to the module path: the hook fires and keeps its tensor intact."""
+    torch.manual_seed(0)
+    block = _random_mgic_nd(2).eval()
+    x = torch.randn(2, 32, 6, 6)
+    with torch.no_grad():
+        ref = reference_forward(block, x.clone())
+    kept = {}
+
+    def keep(name):
+        def hook(module, args, out):
+            kept[name] = (out, out.clone())  # returns None: the output is not replaced
+        return hook
+
+    handles = [block.norms[0].register_forward_hook(keep("n0")), block.prolong[1].register_forward_hook(keep("p1"))]
+    with torch.inference_mode():
+        got = block(x.clone(), overwrite_input=True)
+    for h in handles:
+        h.remove()
+    torch.testing.assert_close(got, ref)
+    assert set(kept) == {"n0", "p1"}
+    for out, snapshot in kept.values():  # nobody wrote into a tensor a hook holds
+        torch.testing.assert_close(out, snapshot, rtol=0, atol=0)
+
+
+def test_transformed_network_survives_state_dict_and_torch_save_with_the_fast_paths_warm(tmp_path):
+    """After inference calls (weight views cached), ``state_dict`` and ``torch.save`` round trips give the same network."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    gm = mt.mgicify(_Bottleneck(32), x, group_size=4, coarsest_width=8).eval()
+    with torch.no_grad():
+        for n in (m for m in gm.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+            n.weight.uniform_(0.5, 1.5)  # N_j on: the corrections count
+        ref = gm(x)
+    torch.save(gm, tmp_path / "gm.pt")
+    loaded = torch.load(tmp_path / "gm.pt", weights_only=False).eval()
+    assert not any("_weight_view" in m.__dict__ for m in loaded.modules())
+    fresh = mt.mgicify(_Bottleneck(32), x, group_size=4, coarsest_width=8).eval()
+    fresh.load_state_dict(gm.state_dict())
+    assert gm.state_dict().keys() == fresh.state_dict().keys()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), ref, rtol=0, atol=0)
+        torch.testing.assert_close(fresh(x), ref, rtol=0, atol=0)
