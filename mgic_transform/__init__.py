@@ -6,11 +6,13 @@
 """
 
 from .api import mgicify
+from .deploy import export_pt2, load_pt2, optimize_for_inference
 from .errors import MGICError
 from .inference import fold_batchnorm
 from .nn.mgic_block import MGICBlock
 from .plan import BlockDecision, MGICPlan
 from .report import Report, compare
 
-__all__ = ["mgicify", "compare", "fold_batchnorm", "Report", "MGICBlock", "MGICError", "MGICPlan", "BlockDecision"]
+__all__ = ["mgicify", "compare", "fold_batchnorm", "optimize_for_inference", "export_pt2", "load_pt2",
+           "Report", "MGICBlock", "MGICError", "MGICPlan", "BlockDecision"]
 __version__ = "0.1.0"
