@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = gm.meta["mgic"]
         opts = ", ".join(f"{k}={v}" for k, v in case.items())
         lines.append(f"| {opts} | {statistics.median(times):.1f} | {plan.budget.candidates} "
-                     f"| {plan.group_size} / {plan.coarsest_width} | {plan.budget.achieved:.3f} |")
+                     f"| {plan.options.group_size} / {plan.options.coarsest_width} | {plan.budget.achieved:.3f} |")
         print(lines[-1], file=sys.stderr, flush=True)
     lines += ["", f"- load at end: {load_line()}"]
     emit("\n".join(lines) + "\n", Path(__file__).resolve().parent / "results" / "budget_time.md" if args.write else None)

@@ -8,8 +8,8 @@ exactly, FLOPs with fvcore at the paper's input size (1x3x224x224, CIFAR
 Each row is computed under the default ``rule="paper"`` and, in a second
 column, under ``rule="compact"`` (version 0.1's rule). The "authors' code"
 column holds counts measured by instantiating ``BGUCompSci/MultigridInChannelsCNNs``
-as released (``ResNetMGGroup`` and ``mobileMGV3_full``; see ``shared/DESIGN.md``,
-decision 1); that code is not run here.
+as released (``ResNetMGGroup`` and ``mobileMGV3_full``, fvcore at 224 px; recorded in
+``docs/design.md``, "Which levels: the two rules"); that code is not run here.
 
 ``--why`` adds a what-if that explains the one large gap (Table 5 FLOPs at
 ``s_g=64``): the authors' code keeps an MGIC block even where its fine level
@@ -145,7 +145,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "- command: `python benchmarks/paper_tables.py --write --why`",
         "- params exact; FLOPs by fvcore at 1x3x224x224 (CIFAR: 1x3x32x32), 1 multiply-add = 1 FLOP",
         "- *authors' code*: counts of the authors' released networks as instantiated (fvcore, 224 px), "
-        "from `shared/DESIGN.md`",
+        "recorded in `docs/design.md` (\"Which levels: the two rules\")",
         "- *dev*: (ours - reference) / reference",
         "",
         "| table | network | s_g | s_c | paper params [M] | ours params [M] | dev | authors' code params [M] | dev "

@@ -10,9 +10,11 @@ from .deploy import export_pt2, load_pt2, optimize_for_inference
 from .errors import MGICError
 from .inference import fold_batchnorm
 from .nn.mgic_block import MGICBlock
-from .plan import BlockDecision, MGICPlan
+from .options import MGICOptions
+from .plan import BlockDecision, BlockFit, MGICPlan, plan_of
 from .report import Report, compare
 
 __all__ = ["mgicify", "compare", "fold_batchnorm", "optimize_for_inference", "export_pt2", "load_pt2",
-           "Report", "MGICBlock", "MGICError", "MGICPlan", "BlockDecision"]
+           "plan_of", "Report", "MGICBlock", "MGICError", "MGICOptions",
+           "MGICPlan", "BlockDecision", "BlockFit"]
 __version__ = "0.1.0"

@@ -13,9 +13,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+import torch.fx
 from torch import nn
 
-__all__ = ["copy_structure", "own_tensors", "fetch_attr"]
+__all__ = ["copy_structure", "own_tensors", "fetch_attr", "meta_copy"]
 
 
 _HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
@@ -105,3 +106,17 @@ def fetch_attr(module: nn.Module, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters, buffers and tensor constants live on the meta device."""
+    shadow = copy_structure(module, lambda t: t.detach().to("meta"), hooks=False)
+    if isinstance(shadow, torch.fx.GraphModule):  # plain tensor constants referenced by get_attr
+        for node in shadow.graph.nodes:
+            if node.op == "get_attr":
+                *parent, name = str(node.target).split(".")
+                owner = shadow.get_submodule(".".join(parent))
+                value = getattr(owner, name, None)
+                if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and value.device.type != "meta":
+                    setattr(owner, name, value.to("meta"))
+    return shadow

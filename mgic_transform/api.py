@@ -1,8 +1,15 @@
-"""``mgicify``: trace -> shapes -> blocks -> rewrite, with argument checking."""
+"""``mgicify``: validate the options, transform (to a budget, if asked), calibrate.
+
+The pipeline of one transform is :func:`_transform`: trace -> shapes -> blocks ->
+rewrite -> inherit -> finish; ``docs/design.md`` describes every step.
+:func:`mgicify` is the public entry: it turns its keywords into one validated
+:class:`~mgic_transform.MGICOptions`, runs :func:`_transform` once or lets the
+budget search (:mod:`mgic_transform.budget`) run it on candidate sizes, then
+calibrates the result when asked to.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import warnings
 from typing import Any, Iterable, Optional, Sequence, Union
@@ -12,35 +19,21 @@ import torch.fx
 from torch import nn
 
 from ._modcopy import copy_structure, own_tensors
+from .budget import search_budget
 from .errors import ConfigError, InputError
 from .inputs import as_input_tuple, infer_example_inputs
 from .layers import example_input_shape
 from .nn.mgic_block import MGICBlock
+from .options import LeafSpec, MGICOptions
 from .passes.blocks import find_blocks
 from .passes.inherit import inherit_weights
 from .passes.ownership import mark_overwritable_inputs
-from .budget import search_budget
-from .hierarchy import RULES
-from .passes.rewrite import RewriteOptions, rewrite_blocks
+from .passes.rewrite import rewrite_blocks
 from .passes.shapes import propagate_other_size, propagate_shapes
-from .plan import Budget, MGICPlan
-from .tracing import LeafSpec, eliminate_dead_code, trace
+from .plan import BlockDecision, MGICPlan, attach_plan
+from .tracing import eliminate_dead_code, trace
 
 __all__ = ["mgicify", "infer_example_inputs"]
-
-
-def _normalise_skip(skip: Any) -> tuple[str, ...]:
-    if skip is None:
-        return ()
-    if isinstance(skip, str):
-        return (skip,)
-    try:
-        patterns = tuple(skip)
-    except TypeError:
-        patterns = None
-    if patterns is None or not all(isinstance(p, str) for p in patterns):
-        raise ConfigError(f"skip must be glob patterns over module paths, got {skip!r}. Hint: skip=[\"layer4.*\"].")
-    return patterns
 
 
 def _drop_unreferenced_tensors(gm: torch.fx.GraphModule) -> None:
@@ -139,26 +132,6 @@ def _check_plain_module(model: nn.Module) -> None:
                          f"once to initialise the lazy layers, then call mgicify.")
 
 
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{name} must be True or False, got {value!r}. Hint: {name}=True.")
-    return value
-
-
-def _check_leaf_modules(leaf_modules: Any) -> tuple:
-    specs = (leaf_modules,) if isinstance(leaf_modules, (str, type)) else leaf_modules
-    try:
-        specs = tuple(specs)
-    except TypeError:
-        specs = None
-    bad = [s for s in specs or () if not (isinstance(s, str) or (isinstance(s, type) and issubclass(s, nn.Module)))]
-    if specs is None or bad:
-        raise ConfigError(
-            f"leaf_modules must be nn.Module classes or glob patterns over module paths, got "
-            f"{(bad[0] if bad else leaf_modules)!r}. Hint: leaf_modules=[MyAttention, \"backbone.head.*\"].")
-    return specs
-
-
 def _check_concrete_args(model: nn.Module, concrete_args: Any) -> Optional[dict[str, Any]]:
     """A dict from names of ``model.forward``'s (non-starred) parameters to the values to fix them to."""
     if concrete_args is None:
@@ -181,30 +154,6 @@ def _check_concrete_args(model: nn.Module, concrete_args: Any) -> Optional[dict[
     return concrete_args
 
 
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}. Hint: e.g. {name}=32.")
-    return value
-
-
-def _check_target(target_params: Any, target_flops: Any, group_size: Any, coarsest_width: Any
-                  ) -> Optional[tuple[str, float]]:
-    """``("params" | "flops", ratio)`` when a budget was asked for, else ``None``."""
-    given = [(m, v) for m, v in (("params", target_params), ("flops", target_flops)) if v is not None]
-    if not given:
-        return None
-    if len(given) > 1:
-        raise ConfigError("pass target_params or target_flops, not both. Hint: the search meets one budget.")
-    metric, value = given[0]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ConfigError(f"target_{metric} must be a fraction of the original's {metric} in (0, 1], got {value!r}. "
-                          f"Hint: target_{metric}=0.3 keeps at most 30%.")
-    if group_size is not None or coarsest_width is not None:
-        raise ConfigError(f"target_{metric} chooses group_size and coarsest_width itself; pass either the sizes or "
-                          f"the target. Hint: drop group_size/coarsest_width.")
-    return metric, float(value)
-
-
 def _fixed_training_notes(model: nn.Module, gm: torch.fx.GraphModule) -> list[str]:
     """A note (also warned, to ``mgicify``'s caller) when the trace fixed ``self.training`` to the current mode."""
     if not gm.meta.get("reads_training"):
@@ -218,19 +167,6 @@ def _fixed_training_notes(model: nn.Module, gm: torch.fx.GraphModule) -> list[st
     return [note]
 
 
-def _mgicify_to_budget(model: nn.Module, example_inputs: Any, target: tuple[str, float],
-                       options: dict[str, Any]) -> torch.fx.GraphModule:
-    """``mgicify`` with the ``group_size``/``coarsest_width`` that :mod:`mgic_transform.budget` finds for ``target``."""
-    metric, ratio = target
-    inputs = as_input_tuple(example_inputs) if example_inputs is not None else infer_example_inputs(model)
-    gm, chosen, measured = search_budget(
-        model, inputs, metric=metric, target=ratio,
-        transform=lambda s_g, s_c: mgicify(model, inputs, group_size=s_g, coarsest_width=s_c, **options))
-    plan = dataclasses.replace(gm.meta["mgic"], budget=Budget(metric, ratio, chosen.ratio, measured))
-    gm.meta["mgic"] = gm._mgic_meta["mgic"] = plan
-    return gm
-
-
 def mgicify(
     model: nn.Module,
     example_inputs: Union[torch.Tensor, Sequence[torch.Tensor], None] = None,
@@ -238,7 +174,7 @@ def mgicify(
     group_size: Optional[int] = None,
     coarsest_width: Optional[int] = None,
     skip: Iterable[str] = (),
-    transitions: bool = False,
+    transitions: Optional[bool] = None,
     rule: str = "paper",
     target_params: Optional[float] = None,
     target_flops: Optional[float] = None,
@@ -246,6 +182,9 @@ def mgicify(
     concrete_args: Optional[dict[str, Any]] = None,
     init: str = "scratch",
     checkpoint: bool = False,
+    block_sizes: Optional[dict[str, tuple[int, int]]] = None,
+    calibration: Any = None,
+    options: Optional[MGICOptions] = None,
 ) -> torch.fx.GraphModule:
     """Rewrite the equal-width blocks of ``model`` into multigrid-in-channels blocks.
 
@@ -264,7 +203,9 @@ def mgicify(
             (see ``rule``). Defaults to ``group_size`` (the paper's usual ``s_c = s_g``).
         skip: glob patterns over module paths (``"layer4.*"``) of blocks to leave alone.
         transitions: also rewrite width-changing blocks (paper Sec. 3.3: a
-            depthwise 3x3 connector to the new width, then an MGIC block).
+            depthwise 3x3 connector to the new width, then an MGIC block). Not
+            given: ``False``, except that a budget search tries ``True`` when the
+            target cannot be met without it.
         rule: how a block's levels are chosen (:mod:`mgic_transform.hierarchy`).
             ``"paper"`` (default) follows the authors' code and reproduces the
             paper's tables: levels halve the block's *narrowest* width (a
@@ -272,82 +213,139 @@ def mgicify(
             ``m_j / s_g`` groups. ``"compact"`` halves the outer width and groups
             by ``c_j / s_g``: much smaller networks than the paper's.
         target_params, target_flops: compress to a budget instead of fixed sizes:
-            the largest network whose parameters (or multiply-adds at the example
-            input) are at most this fraction of the original's. ``group_size`` and
-            ``coarsest_width`` are then chosen by a search over powers of two
-            (:mod:`mgic_transform.budget`); ``gm.meta["mgic"].budget`` records the
-            target and the ratio achieved.
+            the largest network whose parameters (or FLOPs at the example input, as
+            :func:`~mgic_transform.compare` counts them) are at most this fraction of
+            the original's. The sizes are chosen by :mod:`mgic_transform.budget`, per
+            block where that fills the budget better; ``plan_of(gm).budget`` records the
+            target and the ratio achieved, ``plan_of(gm).options`` the sizes.
         leaf_modules: module classes or path patterns that ``torch.fx`` should not
             trace into (the escape hatch for data-dependent control flow).
         concrete_args: passed to ``torch.fx.Tracer.trace`` to fix Python-level arguments.
         init: ``"scratch"`` (default): every level of an MGIC block starts from fresh
-            weights. ``"inherit"`` (experimental): the levels are built from the
-            trained block's weights by Galerkin products ``R W P`` (block-diagonal
-            parts at the grouped levels; see :mod:`mgic_transform.passes.inherit`),
-            for compressing a trained model; ``BlockDecision.init`` records per
-            layer whether it inherited or fell back to scratch, and why.
+            weights. ``"calibrate"``: compress a *trained* model: the levels start from
+            its weights (``"inherit"``) and every MGIC block is then fitted to
+            reproduce the trained block's output on ``calibration`` data
+            (:func:`mgic_transform.calibrate`; ``BlockDecision.fit`` records the error
+            before and after). ``"inherit"``: the data-free start alone, Galerkin
+            products ``R W P`` of the trained weights (block-diagonal parts at the
+            grouped levels; :mod:`mgic_transform.passes.inherit`); ``BlockDecision.init``
+            records per layer whether it inherited or fell back to scratch, and why.
         checkpoint: activation checkpointing per MGIC block while training (autograd on):
             each block keeps only its input and recomputes the rest in the backward
             pass, trading compute for training memory; BatchNorm running statistics
             are updated once per step as without it (``nn/checkpointing.py``). Set
             ``block.checkpoint`` on a single block to choose per block.
+        block_sizes: per-block sizes, ``{"layer4.*": (64, 128)}``: blocks whose path (or a
+            layer's) matches a pattern use that ``(group_size, coarsest_width)``.
+        calibration: with ``init="calibrate"``: input batches of the model's training
+            data (a ``DataLoader`` yielding ``(input, target)`` pairs, a list of batches,
+            or one tensor); at most 1,024 samples are used.
+        options: all of the above as one :class:`~mgic_transform.MGICOptions`, instead of
+            the keywords (not both).
 
     Returns:
-        A trainable ``torch.fx.GraphModule``. ``gm.meta["mgic"]`` is an
-        :class:`~mgic_transform.plan.MGICPlan` describing every candidate block
-        (rewritten, or skipped with the reason); ``gm.meta["mgic_example_inputs"]``
-        holds the inputs used for the analysis.
+        A trainable ``torch.fx.GraphModule``. :func:`mgic_transform.plan_of` gives its
+        :class:`~mgic_transform.MGICPlan` (also after ``torch.load``): the options it
+        ran with and every candidate block, rewritten or skipped with the reason.
 
     Raises:
         MGICError: on an untraceable model, bad options or unusable example inputs.
     """
+    opts = _options(options, dict(
+        group_size=group_size, coarsest_width=coarsest_width, skip=skip, transitions=transitions, rule=rule,
+        target_params=target_params, target_flops=target_flops, leaf_modules=leaf_modules,
+        concrete_args=concrete_args, init=init, checkpoint=checkpoint, block_sizes=block_sizes))
+    _check_model(model)
+    _check_concrete_args(model, opts.concrete_args)
+    _check_calibration(opts, calibration)
+    inputs = _example_inputs(model, example_inputs)
+    if opts.target is not None:
+        gm = search_budget(model, inputs, opts, transform=_transform)
+    else:
+        gm = _transform(model, inputs, opts)
+    if opts.init == "calibrate":
+        from .passes.calibrate import calibrate
+
+        calibrate(gm, model, calibration)
+    return gm
+
+
+def _options(options: Optional[MGICOptions], keywords: dict[str, Any]) -> MGICOptions:
+    """The one :class:`MGICOptions` of a call: ``options=`` or the keywords, validated (not both)."""
+    if options is None:
+        return MGICOptions(**keywords)
+    if not isinstance(options, MGICOptions):
+        raise ConfigError(f"options must be an MGICOptions, got {type(options).__name__}. Hint: "
+                          f"options=mt.MGICOptions(group_size=16).")
+    defaults = MGICOptions()
+    given = [k for k, v in keywords.items() if k in _FIELDS and v != _KEYWORD_DEFAULTS.get(k, getattr(defaults, k))]
+    if given:
+        raise ConfigError(f"pass options=MGICOptions(...) or keywords, not both (got {', '.join(given)} as well). "
+                          f"Hint: options.replace({given[0]}=...).")
+    return options
+
+
+_FIELDS = {f for f in MGICOptions.__dataclass_fields__}
+_KEYWORD_DEFAULTS = {"skip": (), "leaf_modules": (), "block_sizes": None}
+
+
+def _check_model(model: Any) -> None:
     if not isinstance(model, nn.Module):
         hint = (f"pass an instance, e.g. {model.__name__}()" if isinstance(model, type) and issubclass(model, nn.Module)
                 else "pass the model object (an nn.Module instance)")
         raise InputError(f"mgicify expects an nn.Module, got {type(model).__name__}. Hint: {hint}.")
     _check_plain_module(model)
-    if not isinstance(checkpoint, bool):
-        raise ConfigError(f"checkpoint must be True or False, got {checkpoint!r}. Hint: mgicify(model, checkpoint=True).")
-    if init not in ("scratch", "inherit"):
-        raise ConfigError(f"init must be 'scratch' or 'inherit', got {init!r}. Hint: init='inherit' builds the MGIC "
-                          f"blocks from the trained weights of model.")
-    target = _check_target(target_params, target_flops, group_size, coarsest_width)
-    if target is not None:
-        return _mgicify_to_budget(model, example_inputs, target, dict(
-            skip=skip, transitions=transitions, rule=rule, leaf_modules=tuple(leaf_modules), concrete_args=concrete_args,
-            init=init, checkpoint=checkpoint))
-    group_size = 32 if group_size is None else _check_positive_int("group_size", group_size)
-    coarsest_width = group_size if coarsest_width is None else _check_positive_int("coarsest_width", coarsest_width)
-    skip = _normalise_skip(skip)
-    if rule not in RULES:
-        raise ConfigError(f"rule must be one of {', '.join(map(repr, RULES))}, got {rule!r}. Hint: rule=\"paper\" "
-                          f"builds the paper's networks, rule=\"compact\" smaller ones.")
-    transitions = _check_bool("transitions", transitions)
-    leaf_modules = _check_leaf_modules(leaf_modules)
-    concrete_args = _check_concrete_args(model, concrete_args)
-    has_layers = any(example_input_shape(m) is not None for m in model.modules())
-    if example_inputs is not None:
-        inputs = as_input_tuple(example_inputs)
-    else:
-        inputs = infer_example_inputs(model) if has_layers else ()
 
-    # Work on a copy of the module tree that shares the weights (cheap); the
-    # weights the result keeps are copied once at the end, the ones replaced by
-    # MGIC blocks never are.
-    # buffers are cloned: tracing runs in-place buffer updates of forward() for real
+
+def _check_calibration(options: MGICOptions, calibration: Any) -> None:
+    if options.init == "calibrate" and calibration is None:
+        raise ConfigError("init=\"calibrate\" fits every MGIC block to the trained model on calibration data, and "
+                          "none was given. Hint: mgicify(model, x, init=\"calibrate\", calibration=loader), a few "
+                          "hundred training inputs (a DataLoader, a list of batches or one tensor).")
+    if calibration is not None and options.init != "calibrate":
+        raise ConfigError(f"calibration data is used only with init=\"calibrate\" (got init={options.init!r}), so it "
+                          f"would be ignored. Hint: pass init=\"calibrate\" as well.")
+
+
+def _example_inputs(model: nn.Module, example_inputs: Any) -> tuple:
+    if example_inputs is not None:
+        return as_input_tuple(example_inputs)
+    has_layers = any(example_input_shape(m) is not None for m in model.modules())
+    return infer_example_inputs(model) if has_layers else ()
+
+
+def _transform(model: nn.Module, inputs: tuple, options: MGICOptions) -> torch.fx.GraphModule:
+    """One transform at the sizes in ``options`` (no target): the pipeline of ``docs/design.md``.
+
+    Works on a copy of the module tree that shares the weights (cheap); the weights
+    the result keeps are copied once at the end, the ones MGIC blocks replace never are.
+    Buffers are cloned: tracing runs in-place buffer updates of ``forward()`` for real.
+    """
+    if options.target is not None:  # pragma: no cover - the budget search clears it
+        raise ValueError("_transform needs concrete sizes; the budget search resolves targets")
+    s_g, s_c = options.sizes
+    options = options.replace(group_size=s_g, coarsest_width=s_c, transitions=options.rewrites_transitions)
     work = copy_structure(model, lambda t: t if isinstance(t, nn.Parameter) else t.clone())
-    gm = trace(work, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    gm = trace(work, leaf_modules=options.leaf_modules, concrete_args=options.concrete_args)
     eliminate_dead_code(gm)
+    has_layers = any(example_input_shape(m) is not None for m in model.modules())
     single_size = None
     if has_layers or inputs:
         propagate_shapes(gm, _graph_inputs(gm, inputs))
         single_size = propagate_other_size(gm, _graph_inputs(gm, inputs))  # shapes that hold at any size
-    regions = find_blocks(gm, transitions=transitions) if has_layers else []
-    options = RewriteOptions(rule=rule, group_size=group_size, coarsest_width=coarsest_width, skip=skip,
-                             transitions=transitions)
+    regions = find_blocks(gm, transitions=options.transitions) if has_layers else []
     decisions = rewrite_blocks(gm, regions, options)
-    if init == "inherit":
+    if options.init in ("inherit", "calibrate"):
         decisions = inherit_weights(gm, model, decisions)
+    _finish(gm, model, options)
+    notes = _notes(model, gm, options, decisions, has_layers=has_layers, single_size=single_size)
+    attach_plan(gm, MGICPlan(options, tuple(decisions), tuple(notes),
+                             example_inputs=tuple(t.detach() for t in inputs)))
+    return gm
+
+
+def _finish(gm: torch.fx.GraphModule, model: nn.Module, options: MGICOptions) -> None:
+    """Clean the rewritten graph up and give the result its own weights and flags."""
     eliminate_dead_code(gm)
     mark_overwritable_inputs(gm)
     gm.graph.lint()
@@ -358,28 +356,41 @@ def mgicify(
     _copy_training_flags(model, gm)
     for module in gm.modules():
         if isinstance(module, MGICBlock):
-            module.checkpoint = checkpoint
+            module.checkpoint = options.checkpoint
 
-    unused = [p for p in skip if not any(d.skip_pattern == p for d in decisions)]
+
+def _notes(model: nn.Module, gm: torch.fx.GraphModule, options: MGICOptions, decisions: Sequence[BlockDecision], *,
+           has_layers: bool, single_size: Optional[str]) -> list[str]:
+    """The plan's model-level notes; the ones a user must not miss are also warned."""
+    unused = [p for p in options.skip if not any(d.skip_pattern == p for d in decisions)]
     if unused:
         warnings.warn(f"skip pattern(s) {unused} matched no block; module paths look like "
-                      f"{[d.path for d in decisions[:3]]}", UserWarning, stacklevel=2)
+                      f"{[d.path for d in decisions[:3]]}", UserWarning, stacklevel=4)
     notes = _fixed_training_notes(model, gm)
     dropped = _dropped_hooks(model, gm)
     if dropped:
         note = (f"hooks that do not fire in the result: {'; '.join(dropped)} (the module was traced through or "
                 f"replaced by an MGIC block). Register them on the result instead (gm.get_submodule(path))")
         notes.append(note)
-        warnings.warn(note, UserWarning, stacklevel=2)
+        warnings.warn(note, UserWarning, stacklevel=4)
+    if options.init in ("inherit", "calibrate") and _looks_untrained(model):
+        note = (f"init={options.init!r}, but the model's weights look freshly initialised (every BatchNorm has its "
+                f"initial statistics): there may be nothing trained to inherit. Load the trained weights first")
+        notes.append(note)
+        warnings.warn(note, UserWarning, stacklevel=4)
     if single_size:
         notes.append(f"{single_size}: blocks were checked at the example input size only; run the result at that size")
     if not has_layers:
         notes.append("the model has no Conv or Linear layer: nothing to rewrite")
     elif not decisions:
         notes.append("no equal-width block with a channel-mixing layer was found")
-    gm.meta["mgic"] = MGICPlan(group_size, coarsest_width, transitions, skip, tuple(decisions), tuple(notes), rule=rule,
-                               init=init, checkpoint=checkpoint)
-    gm.meta["mgic_example_inputs"] = tuple(t.detach() for t in inputs)
-    # GraphModule pickling rebuilds `meta` empty; a plain attribute survives torch.save / torch.load.
-    gm._mgic_meta = {k: gm.meta[k] for k in ("mgic", "mgic_example_inputs")}
-    return gm
+    return notes
+
+
+def _looks_untrained(model: nn.Module) -> bool:
+    """True when the model has BatchNorms and all of them still hold their initial running statistics."""
+    norms = [m for m in model.modules() if isinstance(getattr(m, "running_mean", None), torch.Tensor)
+             and isinstance(getattr(m, "running_var", None), torch.Tensor)]
+    return bool(norms) and all(bool((m.running_mean == 0).all()) and bool((m.running_var == 1).all()) for m in norms)
+
+

@@ -1,30 +1,44 @@
-"""Compression to a budget: choose ``group_size`` and ``coarsest_width`` for a target size.
+"""Compression to a budget: choose the sizes, per block, for a target size.
 
 ``mgicify(model, x, target_params=0.3)`` (or ``target_flops=0.5``) asks for the
 largest MGIC network whose parameters (or FLOPs) are at most that fraction of
-the original's. Both grow with the group size ``s_g`` (fewer, larger groups)
-and with the coarsest width ``s_c`` (a larger dense level), so the search
-walks powers of two:
+the original's, counted exactly as :func:`mgic_transform.compare` counts them
+(:mod:`mgic_transform.counting`), so the target holds by the figure the user sees.
 
-* ``s_g`` over ``2, 4, 8, ...`` up to the model's widest layer, by bisection
-  (each step is one full transform, measured exactly, never estimated);
-* ``s_c`` tied to it as ``s_c = s_g`` and ``s_c = 2 s_g``, the two pairings the
-  paper uses (``s_c = s_g`` in its Sec. 3.2 configuration, ``s_c = 64`` with
-  ``s_g = 32`` in Table 5).
+The search runs in two steps.
 
-Every candidate the search measured is exact, so the answer is never over the
-target; because ``transitions`` and "not smaller" declines make the size only
-*nearly* monotone in ``s_g``, a better configuration between two measured ones
-can in principle be missed. FLOPs are multiply-adds of convolutions, linear
-layers and matrix products at the example input (``torch.utils.flop_counter``
-on meta tensors: no memory, no compute), the ops that carry the cost; fvcore's
-count in :func:`mgic_transform.compare` adds elementwise ops and can differ by
-a few percent.
+1. **One size for every block.** Parameters and FLOPs grow with the group size
+   ``s_g`` (fewer, larger groups) and with the coarsest width ``s_c``, so the
+   search bisects ``s_g`` over powers of two, with ``s_c = s_g`` and ``s_c = 2 s_g``
+   (the paper's two pairings), each step a full transform, measured. When the
+   user did not say ``transitions`` and no candidate fits without rewriting the
+   width-changing blocks, the candidates with ``transitions=True`` are tried too.
+   The best candidate that fits is the starting point; powers of two can land
+   well under the target (0.24 for 0.3).
+2. **Sizes per block, to fill the budget.** Every candidate measured in step 1
+   also says what each block costs at its sizes (the plan's per-block
+   parameters; per-module multiply-adds for FLOPs), and a block's cost does not
+   depend on how the others are sized. Starting from the step-1 answer, blocks
+   move up to larger sizes while the sum stays within the target:
+
+   - without calibration data, whole *stages* first (the blocks of one width move
+     together), then single blocks, always the largest step that still fits;
+   - with a ``sensitivity`` (calibration data: the output error each block would
+     have at each size, :func:`mgic_transform.passes.calibrate.block_errors`),
+     the step that lowers the error most per unit of cost, in the spirit of
+     non-uniform allocation in one-shot pruning (OWL, SparseGPT's allocations).
+
+   The chosen sizes go into ``MGICOptions.block_sizes``; the network is built
+   and measured exactly. If the sum was optimistic (FLOPs are estimated on meta
+   tensors during the search), steps are undone until the exact count fits.
+
+Every answer is measured, never estimated, so it is never over the target.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -32,35 +46,95 @@ import torch.fx
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ._modcopy import meta_copy
+from .counting import count_flops, count_params, outermost
 from .errors import ConfigError, MGICError
-from .passes.shapes import meta_copy
-from .report import count_params
+from .options import MGICOptions
+from .plan import Budget, Decline, MGICPlan, attach_plan, plan_of
 
-__all__ = ["count_macs", "search_budget", "Candidate"]
+__all__ = ["search_budget", "Candidate", "Sensitivity"]
+
+Transform = Callable[[nn.Module, Sequence[Any], MGICOptions], torch.fx.GraphModule]
+Sizes = tuple[int, int]
+#: ``(block path, candidate options) -> relative output error``; larger means the block loses more.
+Sensitivity = Callable[[str, torch.fx.GraphModule], float]
 
 
-def count_macs(model: nn.Module, inputs: Sequence[Any]) -> int:
-    """Multiply-adds of one forward pass of ``model`` at ``inputs``, counted on meta tensors.
+@dataclass
+class Candidate:
+    """One measured network: its options, its exact ratio, and what each rewritten block costs.
 
-    Convolutions, linear layers and matrix products (``torch.utils.flop_counter``,
-    whose FLOP is two multiply-adds' worth, halved here to the paper's convention).
-    Runs a storage-less copy in eval mode, so ``model`` is not touched.
+    ``blocks`` maps a block's path to ``(cost before, cost after)`` in the metric searched
+    (a block left alone is absent: it costs what it did).
     """
+
+    options: MGICOptions
+    ratio: float
+    gm: torch.fx.GraphModule
+    blocks: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def sizes(self) -> Sizes:
+        return self.options.sizes
+
+
+class _Meter:
+    """Counts the metric searched: exactly (the report's count), and per block for the per-block step."""
+
+    def __init__(self, model: nn.Module, inputs: Sequence[Any], metric: str) -> None:
+        self.model, self.inputs, self.metric = model, tuple(inputs), metric
+        if metric == "params":
+            self.original = count_params(model)
+            self._module_macs: dict[str, int] = {}
+        else:
+            self.original = self._fvcore(model)
+            self._module_macs = _macs_by_module(model, self.inputs)
+            self._estimate_total = self._module_macs.get("", 0)
+        if self.original == 0:
+            raise ConfigError(f"target_{metric} needs a model with {'parameters' if metric == 'params' else 'FLOPs'} "
+                              f"to count. Hint: use target_params.")
+
+    def _fvcore(self, model: nn.Module) -> int:
+        total = count_flops(model, self.inputs).total
+        if total is None:
+            raise ConfigError("target_flops needs FLOPs fvcore can count, and fvcore cannot trace this model. "
+                              "Hint: use target_params.")
+        return total
+
+    def exact(self, gm: torch.fx.GraphModule) -> float:
+        """The ratio ``compare()`` reports."""
+        return (count_params(gm) if self.metric == "params" else self._fvcore(gm)) / self.original
+
+    def per_block(self, gm: torch.fx.GraphModule, plan: MGICPlan) -> dict[str, tuple[int, int]]:
+        """``path -> (cost before, cost after)`` of every rewritten block."""
+        if self.metric == "params":
+            return {d.path: (d.params_before, d.params_after) for d in plan.rewritten}
+        macs = _macs_by_module(gm, self.inputs)
+        return {d.path: (sum(self._module_macs.get(p, 0) for p in outermost(d.layers)), macs.get(d.module, 0))
+                for d in plan.rewritten}
+
+    def scale(self) -> float:
+        """The per-block costs' unit, as a fraction of the original's total (exact for parameters)."""
+        return 1.0 / (self.original if self.metric == "params" else max(1, self._estimate_total))
+
+
+def _macs_by_module(model: nn.Module, inputs: Sequence[Any]) -> dict[str, int]:
+    """Multiply-adds of every module path (``""``: the whole model), on meta tensors (no memory, no compute)."""
     shadow = meta_copy(model).eval()
     meta = [t.to("meta") if isinstance(t, torch.Tensor) else t for t in inputs]
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         shadow(*meta)
-    return counter.get_total_flops() // 2
+    out = {}
+    for key, ops in counter.get_flop_counts().items():
+        if key == "Global":
+            continue
+        path = key.partition(".")[2]  # "<RootClass>.layer1.0" -> "layer1.0"
+        out[path] = sum(ops.values()) // 2
+    out[""] = counter.get_total_flops() // 2
+    return out
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """One measured configuration."""
-
-    group_size: int
-    coarsest_width: int
-    ratio: float  # transformed / original, for the metric searched
-    gm: Optional[torch.fx.GraphModule] = None
+# ----------------------------------------------------------------------------- step 1: one size for every block
 
 
 def _powers_of_two(upto: int) -> list[int]:
@@ -77,53 +151,199 @@ def _widest(model: nn.Module) -> int:
     return max(widths, default=2)
 
 
-def search_budget(model: nn.Module, inputs: Sequence[Any], *, metric: str, target: float,
-                  transform: Callable[[int, int], torch.fx.GraphModule]) -> tuple[torch.fx.GraphModule, Candidate, int]:
-    """The largest transform of ``model`` whose ``metric`` ratio is at most ``target``.
+class _Search:
+    """Measures candidates, each once, with the warnings each transform raised kept for the one chosen."""
 
-    ``transform(group_size, coarsest_width)`` runs ``mgicify`` with the user's
-    other options. Returns the chosen network, its candidate, and how many
-    candidates were measured. Raises :class:`MGICError` naming the smallest
-    ratio reached when no candidate fits.
+    def __init__(self, model: nn.Module, inputs: Sequence[Any], options: MGICOptions, transform: Transform) -> None:
+        self.model, self.inputs, self.transform = model, tuple(inputs), transform
+        self.metric, self.target = options.target
+        self.base = options.replace(target_params=None, target_flops=None)
+        self.meter = _Meter(model, inputs, self.metric)
+        self.seen: dict[tuple, Candidate] = {}
+        self.warnings: dict[int, list[warnings.WarningMessage]] = {}
+
+    def measure(self, options: MGICOptions) -> Candidate:
+        key = (options.sizes, options.rewrites_transitions, options.block_sizes)
+        if key not in self.seen:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                gm = self.transform(self.model, self.inputs, options)
+            plan = plan_of(gm)
+            cand = Candidate(plan.options, self.meter.exact(gm), gm, self.meter.per_block(gm, plan))
+            self.warnings[id(cand)] = list(caught)
+            self.seen[key] = cand
+        return self.seen[key]
+
+    def uniform(self, transitions: bool) -> Optional[Candidate]:
+        """The largest one-size network that fits, by bisection over ``s_g`` (``s_c = s_g``, ``2 s_g``)."""
+        sizes = _powers_of_two(_widest(self.model))
+        best: Optional[Candidate] = None
+        for factor in (1, 2):
+            lo, hi = 0, len(sizes) - 1
+            while lo <= hi:
+                mid = (lo + hi) // 2
+                cand = self.measure(self.base.replace(group_size=sizes[mid], coarsest_width=factor * sizes[mid],
+                                                      transitions=transitions))
+                if cand.ratio <= self.target:
+                    best = cand if best is None or cand.ratio > best.ratio else best
+                    lo = mid + 1
+                else:
+                    hi = mid - 1
+        if best is not None:  # the next sizes up, which the per-block step may give some blocks
+            s_g = best.sizes[0]
+            for g, c in ((2 * s_g, 2 * s_g), (2 * s_g, 4 * s_g), (4 * s_g, 4 * s_g), (s_g, 2 * s_g)):
+                if g <= sizes[-1]:
+                    self.measure(self.base.replace(group_size=g, coarsest_width=c, transitions=transitions))
+        return best
+
+    def replay_warnings(self, cand: Candidate) -> None:
+        for w in self.warnings.get(id(cand), ()):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+    def unreachable(self) -> MGICError:
+        smallest = min(self.seen.values(), key=lambda c: c.ratio)
+        opts, hints = self.base, [f"ask for target_{self.metric}>={smallest.ratio:.3f}"]
+        if opts.transitions is False:
+            hints.append("pass transitions=True to rewrite width-changing blocks too")
+        if opts.rule != "compact":
+            hints.append("use rule=\"compact\" for smaller networks")
+        s_g, s_c = smallest.sizes
+        return MGICError(
+            f"target_{self.metric}={self.target:g} cannot be met: the smallest MGIC network found has "
+            f"{smallest.ratio:.3f} of the original's {self.metric} (group_size={s_g}, coarsest_width={s_c}"
+            f"{', transitions=True' if smallest.options.transitions else ''}). Hint: {', or '.join(hints)}.")
+
+
+# ----------------------------------------------------------------------------- step 2: sizes per block
+
+
+@dataclass
+class _Allocation:
+    """Which measured sizes every block gets, and what that costs in all (a fraction of the original).
+
+    ``cost[p][id(c)]``: block ``p``'s cost at candidate ``c``'s sizes, the original block's
+    where ``c`` left it alone. ``steps`` records every move, to undo the last ones.
     """
-    if metric == "params":
-        original = count_params(model)
-        measure = lambda gm: count_params(gm) / original
-    elif metric == "flops":
-        original = count_macs(model, inputs)
-        if original == 0:
-            raise ConfigError("target_flops needs a model with convolutions, linear layers or matrix products to "
-                              "count. Hint: use target_params.")
-        measure = lambda gm: count_macs(gm, inputs) / original
-    else:  # pragma: no cover - the API checks this
-        raise ValueError(metric)
-    sizes = _powers_of_two(_widest(model))
-    seen: dict[tuple[int, int], Candidate] = {}
 
-    def evaluate(s_g: int, s_c: int) -> Candidate:
-        if (s_g, s_c) not in seen:
-            gm = transform(s_g, s_c)
-            seen[(s_g, s_c)] = Candidate(s_g, s_c, measure(gm), gm)
-        return seen[(s_g, s_c)]
+    choice: dict[str, Candidate]
+    total: float
+    cost: dict[str, dict[int, float]]
+    steps: list[tuple[str, Candidate, float]] = field(default_factory=list)  # (block, previous, previous total)
 
-    best: Optional[Candidate] = None
-    for factor in (1, 2):
-        lo, hi = 0, len(sizes) - 1  # bisection for the largest s_g that fits, s_c = factor * s_g
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            cand = evaluate(sizes[mid], factor * sizes[mid])
-            if cand.ratio <= target:
-                if best is None or cand.ratio > best.ratio:
-                    best = cand
-                lo = mid + 1
-            else:
-                hi = mid - 1
+    @classmethod
+    def start(cls, start: Candidate, options: Sequence[Candidate], paths: Sequence[str], unit: float) -> "_Allocation":
+        before = {p: max((c.blocks[p][0] for c in options if p in c.blocks), default=0) for p in paths}
+        cost = {p: {id(c): (c.blocks[p][1] if p in c.blocks else before[p]) * unit for c in options} for p in paths}
+        return cls({p: start for p in paths}, start.ratio, cost)
+
+    def delta(self, item: Sequence[str], new: Candidate) -> float:
+        return sum(self.cost[p][id(new)] - self.cost[p][id(self.choice[p])] for p in item)
+
+    def move(self, item: Sequence[str], new: Candidate, delta: float) -> None:
+        for p in item:
+            self.steps.append((p, self.choice[p], self.total))
+            self.choice[p] = new
+        self.total += delta
+
+
+Value = Callable[[Sequence[str], Candidate, float], float]
+
+
+def _fill(alloc: _Allocation, options: Sequence[Candidate], target: float, items: list[list[str]],
+          value: Optional[Value] = None) -> _Allocation:
+    """Greedy: move items (groups of blocks) to larger sizes while the total stays within ``target``.
+
+    Among the moves that fit, the one with the largest ``value(item, new, delta)`` is made,
+    if that is positive (default: the largest ``delta``, which fills the budget in the
+    fewest, largest steps).
+    """
+    while True:
+        moves = [((value(item, new, d) if value else d), d, i, new)
+                 for i, item in enumerate(items) for new in options
+                 if (d := alloc.delta(item, new)) > 0 and alloc.total + d <= target]
+        moves = [m for m in moves if m[0] > 0]
+        if not moves:
+            return alloc
+        _, delta, i, new = max(moves, key=lambda m: (m[0], m[1], -m[2]))
+        alloc.move(items[i], new, delta)
+
+
+def _stages(paths: Sequence[str], widths: dict[str, int]) -> list[list[str]]:
+    """Blocks grouped by width (a ResNet stage, a MobileNet stage), in model order."""
+    groups: dict[int, list[str]] = {}
+    for p in paths:
+        groups.setdefault(widths.get(p, 0), []).append(p)
+    return list(groups.values())
+
+
+def _allocate(search: _Search, start: Candidate, sensitivity: Optional[Sensitivity]) -> _Allocation:
+    """Per-block sizes within the target: by stage, then by block; or by error per cost with a sensitivity."""
+    options = [c for c in search.seen.values()
+               if c.options.rewrites_transitions == start.options.rewrites_transitions and not c.options.block_sizes]
+    plan = plan_of(start.gm)
+    paths = [d.path for d in plan.rewritten]
+    alloc = _Allocation.start(start, options, paths, search.meter.scale())
+    if sensitivity is None:
+        widths = {d.path: d.out_width for d in plan.rewritten}
+        _fill(alloc, options, search.target, _stages(paths, widths))
+        return _fill(alloc, options, search.target, [[p] for p in paths])
+    errors = {(p, id(c)): (sensitivity(p, c.gm) if p in c.blocks else 0.0) for c in options for p in paths}
+
+    def value(item: Sequence[str], new: Candidate, delta: float) -> float:
+        gain = sum(errors[(p, id(alloc.choice[p]))] - errors[(p, id(new))] for p in item)
+        return gain / delta
+
+    return _fill(alloc, options, search.target, [[p] for p in paths], value)
+
+
+def _per_block(search: _Search, start: Candidate, sensitivity: Optional[Sensitivity]) -> Candidate:
+    """Step 2: fill the budget block by block, then build and measure the result exactly."""
+    alloc = _allocate(search, start, sensitivity)
+    while True:
+        sizes = tuple((p, *c.sizes) for p, c in alloc.choice.items() if c.sizes != start.sizes)
+        if not sizes:
+            return start
+        cand = search.measure(start.options.replace(block_sizes=sizes))
+        if cand.ratio <= search.target:
+            return cand if cand.ratio >= start.ratio else start
+        path, previous, total = alloc.steps.pop()  # the estimate was optimistic: undo the last move
+        alloc.choice[path], alloc.total = previous, total
+
+
+# ----------------------------------------------------------------------------- the search
+
+
+def search_budget(model: nn.Module, inputs: Sequence[Any], options: MGICOptions, *, transform: Transform,
+                  sensitivity: Optional[Sensitivity] = None, per_block: bool = True) -> torch.fx.GraphModule:
+    """The largest transform of ``model`` whose ratio in ``options.target`` is at most the target.
+
+    ``transform(model, inputs, options)`` runs one transform (``api._transform``) with
+    concrete sizes. Returns the chosen network; its plan's ``budget`` records the
+    target, the ratio achieved and how many networks were measured, and its options
+    the sizes chosen (``block_sizes`` for blocks sized on their own). Raises
+    :class:`MGICError` naming the smallest ratio reached when nothing fits.
+    """
+    search = _Search(model, inputs, options, transform)
+    given = options.transitions
+    best = search.uniform(bool(given))
+    if best is None and given is None:
+        best = search.uniform(True)  # not said: rewriting the width-changing blocks too may meet it
     if best is None:
-        evaluate(sizes[0], sizes[0])  # the smallest sizes, in case the bisection never reached them
-        smallest = min(seen.values(), key=lambda c: c.ratio)
-        raise MGICError(
-            f"target_{metric}={target:g} cannot be met: the smallest MGIC network found has {smallest.ratio:.3f} of "
-            f"the original's {metric} (group_size={smallest.group_size}, coarsest_width={smallest.coarsest_width}). "
-            f"Hint: ask for target_{metric}>={smallest.ratio:.3f}, pass transitions=True to rewrite width-changing "
-            f"blocks too, or use rule=\"compact\" for smaller networks.")
-    return best.gm, best, len(seen)
+        raise search.unreachable()
+    chosen = _per_block(search, best, sensitivity) if per_block else best
+    search.replay_warnings(chosen)
+    plan = plan_of(chosen.gm)
+    budget = Budget(search.metric, search.target, chosen.ratio, len(search.seen))
+    _attach(chosen.gm, plan, budget)
+    return chosen.gm
+
+
+def _attach(gm: torch.fx.GraphModule, plan: MGICPlan, budget: Budget) -> None:
+    """The plan with the budget, and with the search's choice named where it left a block whole."""
+    sized = {p for p, _, _ in plan.options.block_sizes}
+    blocks = tuple(
+        replace(d, reason=f"kept whole by the budget search, which spends the budget elsewhere (at the sizes it "
+                          f"chose, {d.reason})")
+        if not d.rewritten and d.path in sized and d.decline in (Decline.TOO_NARROW, Decline.NOT_SMALLER) else d
+        for d in plan.blocks)
+    attach_plan(gm, replace(plan, blocks=blocks, budget=budget))

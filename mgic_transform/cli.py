@@ -27,6 +27,7 @@ import os
 import pickle
 import sys
 import textwrap
+import threading
 import time
 import traceback
 import types
@@ -37,7 +38,7 @@ from typing import Any, Callable, Iterator, Mapping, NoReturn, Optional, Sequenc
 
 from .errors import first_line
 
-__all__ = ["main", "build_parser", "load_model", "parse_shape", "output_paths"]
+__all__ = ["main", "build_parser", "load_model", "parse_shape", "output_paths", "options_from_args", "load_calibration"]
 
 EXIT_OK = 0
 EXIT_UNTRANSFORMABLE = 1
@@ -133,9 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", metavar="N", type=_positive_int, default=None,
                    help="channels per group in the grouped fine levels, s_g (default: 32)")
     p.add_argument("--coarsest-width", metavar="N", type=_positive_int, default=None,
-                   help="channels at the coarsest, fully coupled level, s_c (default: the group size)")
-    p.add_argument("--skip", metavar="PATTERN", nargs="+", action="extend", default=None,
-                   help="leave blocks whose module path matches PATTERN alone (put MODEL first)")
+                   help="s_c, the width of the coarsest, fully coupled level (default: the group size). Under "
+                        "--rule paper a block's levels halve its narrowest width m while half of it is still >= N; "
+                        "the coarsest level is the first halving of m below N (a block with m < N is left alone). "
+                        "Under --rule compact the outer width halves until it is <= N")
+    p.add_argument("--skip", metavar="PATTERN", action="append", default=None,
+                   help="leave blocks whose module path matches PATTERN alone; repeatable (--skip 'layer4.*' "
+                        "--skip fc)")
     p.add_argument("--rule", choices=("paper", "compact"), default="paper",
                    help="hierarchy rule: 'paper' (levels follow each block's narrowest width, as the authors' "
                         "code; default) or 'compact' (outer width, much smaller networks)")
@@ -149,18 +154,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "name of a class the model uses) or a module path glob (backbone.head.*); repeatable")
     p.add_argument("--transitions", action="store_true",
                    help="also rewrite width-changing blocks (depthwise 3x3 connector + MGIC block)")
-    p.add_argument("--init", choices=("scratch", "inherit"), default="scratch",
-                   help="'scratch' (default): fresh weights in every MGIC block; 'inherit' (experimental): build "
-                        "them from MODEL's trained weights (load them in MODEL's file, e.g. in build_model())")
+    p.add_argument("--init", choices=("scratch", "inherit", "calibrate"), default=None,
+                   help="'scratch' (default): fresh weights in every MGIC block; 'calibrate' (the default with "
+                        "--calibrate): start from MODEL's trained weights and fit every block to MODEL's outputs "
+                        "on the calibration data; 'inherit': the trained weights' Galerkin products alone, no data "
+                        "(load the trained weights in MODEL's file, e.g. in build_model())")
+    p.add_argument("--calibrate", metavar="FILE", default=None,
+                   help="calibration data for a trained MODEL: a .pt file holding a tensor of inputs, or an "
+                        "(inputs, targets) tuple (torch.save); at most 1,024 inputs are used")
     p.add_argument("--checkpoint", action="store_true",
                    help="activation checkpointing per MGIC block: less training memory, one more forward per step")
+
     p.add_argument("--output-dir", metavar="DIR", default=DEFAULT_OUTPUT_DIR,
                    help=f"where to write the model and the report (default: ./{DEFAULT_OUTPUT_DIR}, created if missing)")
     p.add_argument("--format", choices=FORMATS, default="text",
                    help="how to print the comparison on stdout (default: text)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="status lines with timings on stderr (default: when stderr is a terminal)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="status lines with timings on stderr (default: on; --no-progress silences them)")
     p.add_argument("--debug", action="store_true", help="show tracebacks and all warnings")
     return p
 
@@ -382,23 +393,46 @@ def output_paths(output_dir: Path, name: str) -> dict[str, Path]:
 
 @dataclass(frozen=True)
 class _Progress:
-    """Status lines with timings on stderr, for the steps that take a while on big models."""
+    """Status lines with timings on stderr, for the steps that take a while on big models.
+
+    A step's line appears once the step has run for ``after`` seconds (so quick steps, and
+    the errors of quick steps, stay quiet: an error is still one line), and gets its time
+    when the step ends.
+    """
 
     enabled: bool
+    after: float = 1.0
 
     @contextlib.contextmanager
     def step(self, what: str) -> Iterator[None]:
         if not self.enabled:
             yield
             return
-        print(f"{what}...", end="", file=sys.stderr, flush=True)
+        lock, state = threading.Lock(), {"shown": False, "done": False}
+
+        def show() -> None:
+            with lock:
+                if not state["done"]:
+                    state["shown"] = True
+                    print(f"{what}...", end="", file=sys.stderr, flush=True)
+
+        def end(word: str) -> None:
+            timer.cancel()
+            with lock:
+                state["done"] = True
+                if state["shown"]:
+                    print(f" {word}", file=sys.stderr, flush=True)
+
+        timer = threading.Timer(self.after, show)
+        timer.daemon = True
         start = time.perf_counter()
+        timer.start()
         try:
             yield
         except BaseException:
-            print(" failed", file=sys.stderr, flush=True)
+            end("failed")
             raise
-        print(f" {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+        end(f"{time.perf_counter() - start:.1f}s")
 
 
 def _remove(files: Sequence[Path], folder: Optional[Path]) -> None:
@@ -457,26 +491,50 @@ def _leaf_modules(specs: Sequence[str], model: Any) -> tuple:
     return tuple(out)
 
 
-def _transform(model: Any, inputs: Optional[tuple], args: argparse.Namespace, leaves: tuple = ()) -> Any:
+def options_from_args(args: argparse.Namespace, leaves: tuple = ()) -> Any:
+    """The :class:`~mgic_transform.MGICOptions` the flags ask for (a bad combination is a usage error)."""
+    from .errors import ConfigError
+    from .options import MGICOptions
+
+    init = args.init or ("calibrate" if args.calibrate else "scratch")
+    try:
+        return MGICOptions(group_size=args.group_size, coarsest_width=args.coarsest_width, skip=tuple(args.skip or ()),
+                           transitions=True if args.transitions else None, rule=args.rule,
+                           target_params=args.target_params, target_flops=args.target_flops, leaf_modules=leaves,
+                           init=init, checkpoint=args.checkpoint)
+    except ConfigError as exc:
+        raise CLIError(first_line(exc)) from exc
+
+
+def load_calibration(path: Optional[str]) -> Any:
+    """``--calibrate FILE``: a tensor of inputs, or an ``(inputs, targets)`` tuple, saved with ``torch.save``."""
+    import torch
+
+    if path is None:
+        return None
+    file = Path(path)
+    if not file.is_file():
+        raise CLIError(f"--calibrate {path}: no such file; save the inputs with torch.save(inputs, {path!r})")
+    try:
+        data = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is an input error
+        raise CLIError(f"--calibrate {path}: cannot load it with torch.load ({type(exc).__name__}: "
+                       f"{first_line(exc)}); save a tensor of inputs or an (inputs, targets) tuple") from exc
+    if isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor):
+        data = data[0]
+    if not isinstance(data, torch.Tensor) or data.dim() < 2:
+        raise CLIError(f"--calibrate {path} holds a {type(data).__name__}, not a batch of inputs; save a tensor of "
+                       f"shape (N, ...) or an (inputs, targets) tuple")
+    return data
+
+
+def _transform(model: Any, inputs: Optional[tuple], options: Any, calibration: Any = None) -> Any:
     """Run ``mgicify``; translate its errors into exit codes."""
     from . import mgicify
     from .errors import ConfigError, InputError, MGICError, TraceError
 
     try:
-        return mgicify(
-            model,
-            inputs,
-            group_size=args.group_size,
-            coarsest_width=args.coarsest_width,
-            skip=tuple(args.skip or ()),
-            transitions=args.transitions,
-            rule=args.rule,
-            target_params=args.target_params,
-            target_flops=args.target_flops,
-            leaf_modules=leaves,
-            init=args.init,
-            checkpoint=args.checkpoint,
-        )
+        return mgicify(model, inputs, options=options, calibration=calibration)
     except (ConfigError, InputError) as exc:
         raise CLIError(first_line(exc), EXIT_USAGE) from exc
     except MGICError as exc:
@@ -520,11 +578,6 @@ def _save(obj_writer: Callable[[Path], None], path: Path) -> None:
 
 
 def _run(args: argparse.Namespace, progress: _Progress) -> int:
-    import torch
-
-    from .errors import MGICError
-    from .report import compare
-
     out_dir = Path(args.output_dir)
     paths = output_paths(out_dir, output_name(args.model))
     existing = [str(p) for p in paths.values() if p.exists()]
@@ -532,20 +585,39 @@ def _run(args: argparse.Namespace, progress: _Progress) -> int:
         raise CLIError(f"{existing[0]} already exists; pass --force to overwrite it or choose another --output-dir")
     if out_dir.exists() and not out_dir.is_dir():
         raise CLIError(f"--output-dir {out_dir} exists and is not a directory")
-
     # stdout carries the report alone (--format json must parse): what the model's code prints goes to stderr
     with contextlib.redirect_stdout(sys.stderr):
-        with progress.step(f"loading {args.model}"):
-            model = load_model(args.model, args.entry)
-        inputs = _example_inputs(args.input_shape)
-        leaves = _leaf_modules(args.leaf_module or (), model)
-        with progress.step("tracing and rewriting"):
-            gm = _transform(model, inputs, args, leaves)
-        with progress.step("counting parameters and FLOPs"):
-            try:
-                report = compare(model, gm, inputs)
-            except MGICError as exc:
-                raise CLIError(first_line(exc)) from exc
+        gm, report = _transform_and_compare(args, progress)
+    _write_outputs(gm, report, out_dir, paths, progress)
+    rendered = {"text": str, "markdown": lambda r: r.to_markdown(), "json": lambda r: r.to_json()}[args.format](report)
+    print(rendered.rstrip("\n"))
+    print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
+    return EXIT_OK
+
+
+def _transform_and_compare(args: argparse.Namespace, progress: _Progress) -> tuple[Any, Any]:
+    from .errors import MGICError
+    from .report import compare
+
+    with progress.step(f"loading {args.model}"):
+        model = load_model(args.model, args.entry)
+    inputs = _example_inputs(args.input_shape)
+    options = options_from_args(args, _leaf_modules(args.leaf_module or (), model))
+    calibration = load_calibration(args.calibrate)
+    what = "searching sizes for the budget" if options.target else "tracing and rewriting"
+    with progress.step(what + (", then calibrating" if calibration is not None else "")):
+        gm = _transform(model, inputs, options, calibration)
+    with progress.step("counting parameters and FLOPs"):
+        try:
+            report = compare(model, gm, inputs)
+        except MGICError as exc:
+            raise CLIError(first_line(exc)) from exc
+    return gm, report
+
+
+def _write_outputs(gm: Any, report: Any, out_dir: Path, paths: dict[str, Path], progress: _Progress) -> None:
+    """The model and the report, each written whole or not at all (a failure removes what this run wrote)."""
+    import torch
 
     created = not out_dir.exists()
     written: list[Path] = []
@@ -565,11 +637,6 @@ def _run(args: argparse.Namespace, progress: _Progress) -> int:
         raise CLIError(f"cannot save the transformed model: {type(exc).__name__}: {first_line(exc)}; the model "
                        f"holds an object pickle cannot save (a lambda, a local class or a hook)") from exc
 
-    rendered = {"text": str, "markdown": lambda r: r.to_markdown(), "json": lambda r: r.to_json()}[args.format](report)
-    print(rendered.rstrip("\n"))
-    print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
-    return EXIT_OK
-
 
 def _show_warnings(caught: Sequence[warnings.WarningMessage], debug: bool) -> None:
     """Print our own warnings (and, with --debug, everyone's) one line each, without repeats."""
@@ -587,7 +654,7 @@ def _show_warnings(caught: Sequence[warnings.WarningMessage], debug: bool) -> No
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``mgic-transform`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    progress = _Progress(enabled=sys.stderr.isatty() if args.progress is None else args.progress)
+    progress = _Progress(enabled=args.progress)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:

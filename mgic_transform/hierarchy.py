@@ -35,7 +35,7 @@ from typing import Literal, Sequence
 
 __all__ = [
     "RULES", "Rule", "Hierarchy", "hierarchy", "level_widths", "level_groups", "transfer_groups",
-    "largest_divisor_at_most", "analytic_params",
+    "largest_divisor_at_most", "analytic_params", "LevelSpec", "VariantError",
 ]
 
 Rule = Literal["paper", "compact"]
@@ -195,3 +195,26 @@ def analytic_params(widths: Sequence[int], groups: Sequence[float], kernel_param
     *fine, coarsest = widths
     total = sum((kernel_params * c * c + 2 * c * nxt) / g for c, nxt, g in zip(fine, widths[1:], groups))
     return round(total + kernel_params * coarsest ** 2)
+
+
+class VariantError(Exception):
+    """A block cannot be re-instantiated at a level's width; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class LevelSpec:
+    """One level of the hierarchy: channel width, group count, and whether to drop strides."""
+
+    width: int
+    groups: int
+    block_widths: frozenset[int]  # original widths that map to ``width`` (c_in, c_out)
+    reference_width: int  # the original width ``width`` stands for (scales inner widths)
+    unstride: bool = False
+
+    def map_width(self, w: int) -> int:
+        if w in self.block_widths:
+            return self.width
+        if w == 1:  # a broadcast width (attention logit, gate): stays 1
+            return 1
+        g = self.groups
+        return max(1, round(w * self.width / self.reference_width / g)) * g

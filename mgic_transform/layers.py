@@ -48,18 +48,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.utils.parametrize
 from torch import nn
 
 from ._modcopy import copy_structure
+from .hierarchy import LevelSpec, VariantError
 from .nn.mgic_block import MGICBlock
 from .nn.transfer import POINTWISE_BY_DIMS, GroupedLinear, pointwise_like
-
-if TYPE_CHECKING:
-    from .passes.variants import LevelSpec
 
 __all__ = [
     "LayerRule", "LAYER_RULES", "UNKNOWN", "VariantError", "rule_of", "layer_channel_dim", "is_channel_mixing",
@@ -69,10 +67,6 @@ __all__ = [
 ]
 
 ResizeRule = Callable[[Any, int, "LevelSpec", Callable[[int], int]], nn.Module]
-
-
-class VariantError(Exception):
-    """A block cannot be re-instantiated at the requested width; the message is the reason."""
 
 
 @dataclass(frozen=True)
@@ -325,9 +319,18 @@ def is_pooling(module: nn.Module) -> bool:
 
 
 def may_follow_as_tail(module: nn.Module) -> bool:
-    """May ``module`` follow a channel-mixing layer inside its block (norms, activations, weightless ops)?"""
-    tail = rule_of(module).tail
-    return (not has_weights(module)) if tail is None else tail
+    """May ``module`` follow a channel-mixing layer inside its block (norms, activations, weightless ops)?
+
+    A weightless layer qualifies if the compiler can see what it does: a row of the
+    table, or one of ``torch.nn``'s own. A module of the user's that the tracer kept
+    whole (a ``leaf_modules`` entry, say a gate with data-dependent control flow) is
+    opaque: it bounds the block before it instead of joining it, so that block can
+    still be rewritten.
+    """
+    rule = rule_of(module)
+    if rule.tail is not None:
+        return rule.tail
+    return not has_weights(module) and (rule is not UNKNOWN or type(module).__module__.startswith("torch.nn."))
 
 
 def example_input_shape(module: nn.Module) -> Optional[tuple[int, ...]]:

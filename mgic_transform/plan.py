@@ -1,17 +1,22 @@
 """What the compiler decided, per block: the contract between the passes, the report and the CLI.
 
-:func:`mgic_transform.mgicify` stores an :class:`MGICPlan` on the result as
-``gm.meta["mgic"]``. It records every *candidate* block the analysis found,
-rewritten or not, so that :func:`mgic_transform.compare` can explain each one.
+:func:`mgic_transform.mgicify` stores an :class:`MGICPlan` on its result;
+:func:`plan_of` reads it back (also from a copy reloaded with ``torch.load``). It
+records the options the transform ran with and every *candidate* block the
+analysis found, rewritten or not, so that :func:`mgic_transform.compare` can
+explain each one.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Optional
 
-__all__ = ["BlockDecision", "BlockFit", "Budget", "Decline", "MGICPlan", "REWRITTEN", "SKIPPED"]
+from .options import MGICOptions
+
+__all__ = ["BlockDecision", "BlockFit", "Budget", "Decline", "MGICPlan", "REWRITTEN", "SKIPPED", "attach_plan",
+           "plan_of"]
 
 REWRITTEN = "rewritten"
 SKIPPED = "skipped"
@@ -83,6 +88,8 @@ class BlockDecision:
         levels: channel width of every level, finest first (``(256, 128, 64)``); empty when skipped.
         groups: group count used at every level, finest first; the coarsest is always 1.
         group_sizes: channels per group at every level (``width // groups``), finest first.
+        sizes: the ``(group_size, coarsest_width)`` the block was built with (a budget search
+            may size blocks on their own: ``MGICOptions.block_sizes``); empty when skipped.
         module: attribute name of the ``MGICBlock`` in the transformed GraphModule (``None`` when skipped).
         nodes: names of the original graph nodes the block covers.
         layers: module paths (original model) of the layers inside the block.
@@ -108,6 +115,7 @@ class BlockDecision:
     levels: tuple[int, ...] = ()
     groups: tuple[int, ...] = ()
     group_sizes: tuple[int, ...] = ()
+    sizes: tuple[int, ...] = ()
     module: Optional[str] = None
     nodes: tuple[str, ...] = ()
     layers: tuple[str, ...] = ()
@@ -125,7 +133,7 @@ class BlockDecision:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("levels", "groups", "group_sizes", "nodes", "layers", "init"):
+        for k in ("levels", "groups", "group_sizes", "sizes", "nodes", "layers", "init"):
             d[k] = list(d[k])
         d["decline"] = self.decline.value if self.decline is not None else None
         d["fit"] = self.fit.to_dict() if self.fit is not None else None
@@ -154,18 +162,23 @@ class Budget:
 
 @dataclass(frozen=True)
 class MGICPlan:
-    """The options a transform ran with and the decision for every candidate block."""
+    """What a transform was asked to do and what it decided for every candidate block.
 
-    group_size: int
-    coarsest_width: int
-    transitions: bool
-    skip: tuple[str, ...] = ()
+    Attributes:
+        options: the :class:`~mgic_transform.MGICOptions` the transform ran with, sizes
+            resolved (a budget search's chosen ``group_size`` / ``coarsest_width`` /
+            ``block_sizes``; the target itself is in ``budget``).
+        blocks: one :class:`BlockDecision` per candidate block, in graph order.
+        notes: model-level remarks, e.g. "no conv/linear layer found".
+        budget: set when the sizes were chosen by ``target_params`` / ``target_flops``.
+        example_inputs: the inputs the analysis ran at (detached; not part of ``to_dict``).
+    """
+
+    options: MGICOptions
     blocks: tuple[BlockDecision, ...] = field(default_factory=tuple)
-    notes: tuple[str, ...] = ()  # model-level remarks, e.g. "no conv/linear layer found"
-    rule: str = "paper"  # the hierarchy rule (``mgic_transform.hierarchy``)
-    budget: Optional[Budget] = None  # set when the sizes were chosen by target_params / target_flops
-    init: str = "scratch"  # "inherit": the levels were built from the trained weights (``passes/inherit.py``)
-    checkpoint: bool = False  # every MGIC block recomputes its activations in backward (``nn/checkpointing.py``)
+    notes: tuple[str, ...] = ()
+    budget: Optional[Budget] = None
+    example_inputs: tuple[Any, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def rewritten(self) -> tuple[BlockDecision, ...]:
@@ -177,14 +190,47 @@ class MGICPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "rule": self.rule,
-            "group_size": self.group_size,
-            "coarsest_width": self.coarsest_width,
-            "transitions": self.transitions,
-            "skip": list(self.skip),
+            "options": self.options.to_dict(),
             "blocks": [b.to_dict() for b in self.blocks],
             "notes": list(self.notes),
             "budget": self.budget.to_dict() if self.budget is not None else None,
-            "init": self.init,
-            "checkpoint": self.checkpoint,
         }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickle; a plan saved before ``options`` existed (version 0.1) gets its fields as options."""
+        if "options" not in state:
+            old = {k: state.pop(k) for k in ("group_size", "coarsest_width", "transitions", "skip", "rule", "init",
+                                             "checkpoint") if k in state}
+            state["options"] = MGICOptions(**old)
+            state.setdefault("example_inputs", ())
+        self.__dict__.update(state)
+
+
+def attach_plan(gm: Any, plan: MGICPlan) -> None:
+    """Store ``plan`` on ``gm`` where :func:`plan_of` finds it, also after ``torch.save`` / ``torch.load``.
+
+    ``gm.meta["mgic"]`` is torch.fx's place for it, but pickling a GraphModule drops
+    ``meta``; a plain attribute survives.
+    """
+    gm.meta["mgic"] = plan
+    gm._mgic_plan = plan
+
+
+def plan_of(gm: Any) -> Optional[MGICPlan]:
+    """The :class:`MGICPlan` of a GraphModule that :func:`mgic_transform.mgicify` returned, or ``None``.
+
+    Works on the result itself and on a copy reloaded with ``torch.load``:
+
+    >>> plan = mt.plan_of(torch.load("resnet50_mgic.pt", weights_only=False))  # doctest: +SKIP
+    >>> [d.path for d in plan.rewritten]                                       # doctest: +SKIP
+    """
+    from .errors import InputError
+
+    meta = getattr(gm, "meta", None) or {}
+    plan = meta.get("mgic") or getattr(gm, "_mgic_plan", None) or (getattr(gm, "_mgic_meta", None) or {}).get("mgic")
+    if plan is not None and not isinstance(plan, MGICPlan):
+        raise InputError(f"the model's meta['mgic'] is a {type(plan).__name__}, not an MGICPlan. Hint: pass the "
+                         f"GraphModule that mgicify() returned.")
+    if plan is not None and not plan.example_inputs and "mgic_example_inputs" in (getattr(gm, "_mgic_meta", None) or {}):
+        plan = replace(plan, example_inputs=gm._mgic_meta["mgic_example_inputs"])  # saved by version 0.1
+    return plan

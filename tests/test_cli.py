@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -40,14 +41,18 @@ def run_cli(*args, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([*_command(), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+PROGRESS = re.compile(r".+\.\.\. (\d+\.\ds|failed)$")  # "counting parameters and FLOPs... 1.3s"
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, *needles: str) -> None:
-    lines = proc.stderr.strip().splitlines()
+    """The error is one line, the last; before it only progress lines of steps that took over a second."""
+    *before, last = proc.stderr.strip().splitlines()
     assert proc.returncode == code, proc.stderr
-    assert len(lines) == 1, proc.stderr
+    assert all(PROGRESS.fullmatch(line) for line in before), proc.stderr
     assert "Traceback" not in proc.stderr
-    assert lines[0].startswith("mgic-transform: error: ")
+    assert last.startswith("mgic-transform: error: ")
     for needle in needles:
-        assert needle in lines[0], lines[0]
+        assert needle in last, last
 
 
 def write(tmp_path: Path, name: str, source: str) -> Path:
@@ -145,8 +150,25 @@ def test_good_run_writes_outputs(converted):
     assert saved["input_shapes"] == [[1, 3, 16, 16]] and saved["options"]["group_size"] == 16
     assert any(b["status"] == "rewritten" for b in saved["blocks"])
     assert "| block |" in (out / "tiny_resnet_mgic_report.md").read_text()
-    for step in ("tracing", "counting"):  # progress lines, forced on with --progress
-        assert step in proc.stderr
+    *progress, wrote = proc.stderr.strip().splitlines()
+    assert wrote.startswith("wrote ") and all(PROGRESS.fullmatch(line) for line in progress), proc.stderr
+
+
+def test_progress_lines_show_steps_that_take_a_while(capsys):
+    from mgic_transform.cli import _Progress
+
+    import time as _time
+
+    with _Progress(True, after=0.05).step("slow step"):
+        _time.sleep(0.3)
+    with _Progress(True, after=5.0).step("quick step"):
+        pass
+    with pytest.raises(RuntimeError), _Progress(True, after=0.05).step("failing step"):
+        _time.sleep(0.3)
+        raise RuntimeError("boom")
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and PROGRESS.fullmatch(err[0]) and err[0].startswith("slow step... ")
+    assert err[1] == "failing step... failed"  # a quick step says nothing, so its error stays one line
 
 
 RELOAD = """
@@ -263,14 +285,15 @@ def test_input_shape_the_model_rejects(tmp_path):
 
 def test_options_reach_the_compiler(tmp_path, monkeypatch, capsys):
     out = tmp_path / "o"
-    proc = run_main(TINY, *SMALL, "--coarsest-width", "32", "--transitions", "--skip", "layer2", "no_such_block",
+    proc = run_main(TINY, *SMALL, "--coarsest-width", "32", "--transitions", "--skip", "layer2", "--skip", "no_such_block",
                     "--rule", "compact", "--init", "inherit", "--checkpoint", "--output-dir", out, "--format", "json",
                     cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    assert report["options"] == {"rule": "compact", "budget": None,
-                                 "group_size": 16, "coarsest_width": 32, "transitions": True,
-                                 "skip": ["layer2", "no_such_block"], "init": "inherit", "checkpoint": True}
+    assert report["options"] == {"rule": "compact", "budget": None, "target_params": None, "target_flops": None,
+                                 "group_size": 16, "coarsest_width": 32, "transitions": True, "leaf_modules": [],
+                                 "concrete_args": {}, "skip": ["layer2", "no_such_block"], "init": "inherit",
+                                 "checkpoint": True, "block_sizes": {}}
     saved = torch.load(out / "tiny_resnet_mgic.pt", weights_only=False)
     blocks = [m for m in saved.modules() if isinstance(m, MGICBlock)]
     assert blocks and all(m.checkpoint for m in blocks)  # --checkpoint reached every block
@@ -278,7 +301,8 @@ def test_options_reach_the_compiler(tmp_path, monkeypatch, capsys):
     assert set(blocks[0].restrict[0].weight.unique().tolist()) == {0.0, 0.5}
     assert set(blocks[0].prolong[0].weight.unique().tolist()) == {0.0, 1.0}
     warning_lines = [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]
-    assert len(warning_lines) == 1 and "no_such_block" in warning_lines[0]  # the compiler's warning, one line
+    assert len(warning_lines) == 2 and "no_such_block" in warning_lines[0]  # the compiler's warnings, one line each
+    assert "nothing trained to inherit" in warning_lines[1]  # the fixture's weights are freshly initialised
     rows = {b["path"]: b for b in report["blocks"]}
     assert rows["layer2"]["status"] == "skipped" and rows["layer2"]["reason"]
     assert rows["layer1"]["status"] == "rewritten" and rows["layer1"]["levels"][-1] <= 32

@@ -115,7 +115,7 @@ def test_error_classes():
 # --------------------------------------------------------------------------- options
 
 
-_BAD_VALUES = [0, -1, -32, 2.0, 1.5, True, False, "4", None, [4], torch.tensor(4)]
+_BAD_VALUES = [0, -1, -32, 2.0, 1.5, True, False, "4", None, [4], torch.tensor(0), torch.tensor([4])]
 
 
 @pytest.mark.parametrize(
@@ -137,7 +137,7 @@ def test_option_not_a_positive_integer(option, value):
 @pytest.mark.parametrize("value", [1, 3, 1000])
 def test_unusual_but_valid_group_sizes_are_accepted(value):
     gm = mt.mgicify(Tiny(), X, group_size=value, coarsest_width=value)
-    assert gm.meta["mgic"].group_size == value == gm.meta["mgic"].coarsest_width
+    assert gm.meta["mgic"].options.group_size == value == gm.meta["mgic"].options.coarsest_width
     assert gm(X).shape == (2, 4)
 
 
@@ -156,7 +156,7 @@ def test_skip_not_an_iterable_of_strings(skip):
     except ConfigError as exc:  # either reject it clearly ...
         assert "skip" in str(exc)
     else:  # ... or treat None as "nothing skipped"
-        assert skip is None and gm.meta["mgic"].skip == ()
+        assert skip is None and gm.meta["mgic"].options.skip == ()
 
 
 # --------------------------------------------------------------------------- the model argument
@@ -342,7 +342,7 @@ def test_skip_pattern_that_matches_warns_nothing():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         gm = mt.mgicify(Tiny(), X, skip="con*", **OK_OPTS)  # a bare string is one pattern
-    assert not gm.meta["mgic"].rewritten and gm.meta["mgic"].skip == ("con*",)
+    assert not gm.meta["mgic"].rewritten and gm.meta["mgic"].options.skip == ("con*",)
 
 
 # --------------------------------------------------------------------------- nothing to rewrite

@@ -267,7 +267,7 @@ def test_scratch_is_the_default_and_records_nothing():
 
 
 def test_bad_init_is_a_config_error():
-    with pytest.raises(ConfigError, match="init must be 'scratch' or 'inherit'"):
+    with pytest.raises(ConfigError, match="init must be one of 'scratch', 'inherit', 'calibrate'"):
         mt.mgicify(_mlp(), torch.randn(4, 16), init="galerkin")
 
 

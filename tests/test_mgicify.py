@@ -97,8 +97,9 @@ def test_mgicify_model(name):
 def test_default_arguments_need_no_example_input():
     model = torchvision.models.resnet18()
     gm = mt.mgicify(model)
-    assert gm.meta["mgic_example_inputs"][0].shape == (1, 3, 224, 224)
-    assert gm.meta["mgic"].group_size == 32 and gm.meta["mgic"].coarsest_width == 32
+    plan = mt.plan_of(gm)
+    assert plan.example_inputs[0].shape == (1, 3, 224, 224)
+    assert plan.options.group_size == 32 and plan.options.coarsest_width == 32
     assert gm.meta["mgic"].rewritten
     model.eval(), gm.eval()
     x = torch.randn(1, 3, 96, 96)

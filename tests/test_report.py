@@ -16,6 +16,7 @@ called directly, and for single convolutions the closed form ``c_out * c_in/g * 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import sys
 import warnings
@@ -26,8 +27,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+import mgic_transform as mt
 from mgic_transform.errors import InputError
-from mgic_transform.plan import REWRITTEN, SKIPPED, BlockDecision, MGICPlan
+from mgic_transform.plan import REWRITTEN, SKIPPED, BlockDecision, MGICPlan, attach_plan
 from mgic_transform.report import BlockRow, Report, compare, count_flops
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,8 +129,8 @@ def _fake_rewrite(model: Net, example: torch.Tensor) -> fx.GraphModule:
     gm.delete_submodule("layer1")
     gm.graph.lint()
     gm.recompile()
-    gm.meta["mgic"] = MGICPlan(
-        group_size=8, coarsest_width=8, transitions=False, skip=("layer2",),
+    attach_plan(gm, MGICPlan(
+        options=mt.MGICOptions(group_size=8, coarsest_width=8, transitions=False, skip=("layer2",)),
         blocks=(
             BlockDecision(
                 path="layer1", kind="residual", status=REWRITTEN, reason=None, width=32, out_width=32,
@@ -143,8 +145,8 @@ def _fake_rewrite(model: Net, example: torch.Tensor) -> fx.GraphModule:
             ),
         ),
         notes=("a note from the compiler",),
-    )
-    gm.meta["mgic_example_inputs"] = (example,)
+        example_inputs=(example,),
+    ))
     return gm
 
 
@@ -225,7 +227,7 @@ def test_serialisation(fake):
     assert [b["path"] for b in d["blocks"]] == [b.path for b in report.blocks]
     assert d["blocks"][1]["status"] == "skipped" and d["blocks"][1]["reason"] == report.skipped[0].reason
     assert d["options"]["skip"] == ["layer2"] and d["notes"] == ["a note from the compiler"]
-    assert d["input_shapes"] == [list(gm.meta["mgic_example_inputs"][0].shape)]
+    assert d["input_shapes"] == [list(mt.plan_of(gm).example_inputs[0].shape)]
 
 
 def test_tables_show_every_block(fake):
@@ -270,7 +272,7 @@ def test_inputs_default_to_meta_then_to_first_layer():
     gm = _fake_rewrite(model, torch.randn(1, 3, 8, 8))
     assert compare(model, gm).input_shapes == ((1, 3, 8, 8),)
     assert compare(model, gm, torch.randn(3, 3, 12, 12)).input_shapes == ((3, 3, 12, 12),)
-    del gm.meta["mgic_example_inputs"]
+    attach_plan(gm, dataclasses.replace(mt.plan_of(gm), example_inputs=()))
     assert compare(model, gm).input_shapes == ((1, 3, 224, 224),)  # from Conv2d(3, ...)
 
 
@@ -278,7 +280,7 @@ def test_without_plan_totals_only():
     model = Net()
     plain = fx.symbolic_trace(model)
     report = compare(model, plain, torch.randn(1, 3, 8, 8))
-    assert report.blocks == () and report.group_size is None
+    assert report.blocks == () and report.options is None
     assert report.params_after == report.params_before == params_from_state_dict(model)
     assert any("no MGIC plan" in n for n in report.notes)
 

@@ -19,17 +19,18 @@ import torch.fx
 from torch import nn
 
 from .._modcopy import fetch_attr
-from ..hierarchy import Hierarchy, analytic_params, hierarchy
+from ..hierarchy import Hierarchy, LevelSpec, VariantError, analytic_params, hierarchy
 from ..nn.mgic_block import MGICBlock
 from ..nn.transfer import BN_BY_DIMS, CONV_BY_DIMS, GroupedLinear, make_residual_norm, make_transfer
+from ..options import MGICOptions
 from ..plan import REWRITTEN, SKIPPED, BlockDecision, Decline
 from .blocks import Region
 from .channels import block_channel_dim, channel_layers, is_channel_mixing
 from .shapes import shape_of
 from .transition import drop_projection_shortcut, is_head
-from .variants import LevelSpec, VariantError, VariantFactory, common_prefix, extract_block
+from .variants import VariantFactory, common_prefix, extract_block
 
-__all__ = ["RewriteOptions", "rewrite_blocks"]
+__all__ = ["rewrite_blocks"]
 
 
 
@@ -142,17 +143,6 @@ def _connector(c_in: int, c_out: int, in_shape: torch.Size, out_shape: torch.Siz
 
 
 @dataclass(frozen=True)
-class RewriteOptions:
-    """The user's choices that decide every block's hierarchy."""
-
-    rule: str = "paper"
-    group_size: int = 32
-    coarsest_width: int = 32
-    skip: tuple[str, ...] = ()
-    transitions: bool = False
-
-
-@dataclass(frozen=True)
 class _LayerWidths:
     """The channel widths the layers of a block read or write.
 
@@ -211,20 +201,20 @@ def _layer_widths(modules: dict[str, nn.Module], region: Region, cd: int) -> _La
     return _LayerWidths(frozenset(every), frozenset(main))
 
 
-def _decide(gm: torch.fx.GraphModule, region: Region, opts: RewriteOptions, *, path: str,
-            layers: tuple[str, ...], cd: int, widths: _LayerWidths, readers: dict, erased: set,
-            modules: dict[str, nn.Module]) -> Hierarchy:
+def _decide(run: "_Rewrite", region: Region, *, path: str, layers: tuple[str, ...], cd: int,
+            widths: _LayerWidths) -> Hierarchy:
     """The block's hierarchy under the user's options, or :class:`_Decline` with the reason.
 
-    ``modules`` are the layers before any rewrite: a unit tried after blocks inside it were
+    ``run.modules`` are the layers before any rewrite: a unit tried after blocks inside it were
     rewritten still reads its original layers.
     """
+    opts, modules = run.options, run.modules
     entry_shape, exit_shape = shape_of(region.entry), shape_of(region.exit)
     c_in, c_out = entry_shape[cd], exit_shape[cd]
     for pattern in opts.skip:
         if fnmatch.fnmatchcase(path, pattern) or any(fnmatch.fnmatchcase(p, pattern) for p in layers):
             raise _Decline(Decline.USER_SKIP, f"skipped by the user (pattern {pattern!r})", pattern=pattern)
-    if region.kind == "transition" and not opts.transitions:
+    if region.kind == "transition" and not opts.rewrites_transitions:
         change = f"{c_in} -> {c_out} channels" if c_in != c_out else "the spatial size"
         raise _Decline(Decline.TRANSITION, f"changes {change}; pass transitions=True to rewrite width-changing blocks")
     if region.kind == "transition" and opts.rule == "paper":
@@ -235,18 +225,19 @@ def _decide(gm: torch.fx.GraphModule, region: Region, opts: RewriteOptions, *, p
             raise _Decline(Decline.SINGLE_LAYER, "a single width-changing layer (a stem, an expansion to the head): "
                                                  "the paper rewrites width-changing blocks, not layers")
     narrowest = min(widths.main)
-    hier = hierarchy(opts.rule, c_out, narrowest, opts.group_size, opts.coarsest_width)
+    s_g, s_c = opts.sizes_for(path, layers)
+    hier = hierarchy(opts.rule, c_out, narrowest, s_g, s_c)
     if hier.num_levels == 1:
         if opts.rule == "paper":
-            why = (f"its narrowest width {narrowest} is below coarsest_width={opts.coarsest_width}" if narrowest < opts.coarsest_width
+            why = (f"its narrowest width {narrowest} is below coarsest_width={s_c}" if narrowest < s_c
                    else f"its narrowest width {narrowest} is too small to halve")
         else:
-            why = f"width {c_out} is not wider than coarsest_width={opts.coarsest_width}"
+            why = f"width {c_out} is not wider than coarsest_width={s_c}"
         raise _Decline(Decline.TOO_NARROW, why)
-    shared = _shared_weights(gm, region, readers, erased)
+    shared = _shared_weights(run.gm, region, run.readers, run.erased)
     if shared:
         raise _Decline(Decline.SHARED_WEIGHTS, shared)
-    frozen = _frozen(gm, region, modules)
+    frozen = _frozen(run.gm, region, modules)
     if frozen:
         raise _Decline(Decline.FROZEN, f"frozen ({frozen!r} has requires_grad=False): an MGIC block would start from "
                                        f"random, trainable weights; unfreeze the block to rewrite it")
@@ -285,8 +276,9 @@ def _build(gm: torch.fx.GraphModule, region: Region, hier: Hierarchy, *, cd: int
                      coarsest_mutates_input=variants[-1].meta["mutates_input"])
 
 
-def _account(mgic: MGICBlock, hier: Hierarchy, *, before: int, c_in: int, c_out: int, group_size: int) -> dict:
+def _account(mgic: MGICBlock, hier: Hierarchy, *, before: int, c_in: int, c_out: int, sizes: tuple[int, int]) -> dict:
     """The plan's figures for a rewritten block; :class:`_Decline` when it would not be smaller."""
+    group_size = sizes[0]
     after = sum(p.numel() for p in mgic.parameters())
     if after >= before:
         raise _Decline(Decline.NOT_SMALLER, f"the MGIC version would not be smaller ({after:,} vs {before:,} parameters)")
@@ -300,6 +292,7 @@ def _account(mgic: MGICBlock, hier: Hierarchy, *, before: int, c_in: int, c_out:
         "levels": hier.widths,
         "groups": hier.groups,
         "group_sizes": hier.group_sizes,
+        "sizes": tuple(sizes),
         "params_before": before,
         "params_after": after,
         "analytic_params": analytic_params(hier.widths, nominal, before / (c_in * c_out)) + extra,
@@ -317,79 +310,106 @@ def _by_prefix(gm: torch.fx.GraphModule) -> dict[str, list[torch.fx.Node]]:
     return index
 
 
-def _target_for(gm: torch.fx.GraphModule, path: str, region: Region, taken: set[str],
-                by_prefix: dict[str, list[torch.fx.Node]], erased: set[torch.fx.Node]) -> str:
-    """The block's own module path when it owns that module outright, else a fresh attribute name."""
-    inside = set(region.nodes)
-    if path and ".." not in path and path not in taken and path in by_prefix:
-        owned = all(
-            n in inside if n.op == "call_module" else all(u in inside for u in n.users)
-            for n in by_prefix[path]
-            if n not in erased
-        )
-        if owned:
-            return path
-    base = (path.replace("..", "_to_").replace(".", "_") or "block") + "_mgic"
-    name, k = base, 1
-    while name in taken or hasattr(gm, name):
-        name, k = f"{base}_{k}", k + 1
-    return name
+class _Rewrite:
+    """The state of one run of the pass over one graph, read off before any splice changes it.
 
-
-def rewrite_blocks(gm: torch.fx.GraphModule, regions: Sequence[Region], options: RewriteOptions
-                   ) -> list[BlockDecision]:
-    """Replace every region that qualifies by an MGICBlock; return one decision per region.
-
-    ``gm`` is modified in place (it must be the compiler's private copy).
+    Attributes:
+        gm, options: the graph being rewritten (in place) and the transform's options.
+        modules: the model's layers before any rewrite (a unit declined after blocks inside
+            it were rewritten still names and reads its original layers).
+        factory: builds the block variants, one replay per distinct block and level.
+        readers: for every weight, the nodes that read it (tied-weight checks).
+        by_prefix: ``call_module``/``get_attr`` nodes under every module path prefix.
+        erased: nodes the splices removed (stale entries of ``readers`` and ``by_prefix``).
+        taken: module paths already given to an MGIC block.
+        replaced: exit of a rewritten block -> its MGIC block's node (a later block's entry).
+        params_before, channel_dims: per region (by ``id``), counted before any rewrite.
     """
-    decisions = []
-    taken: set[str] = set()
-    replaced: dict[torch.fx.Node, torch.fx.Node] = {}  # exit of a rewritten block -> its MGICBlock node
-    modules = dict(gm.named_modules())
-    factory = VariantFactory()
-    # read off before any splice changes modules or erases nodes (a declined unit may hold rewritten blocks)
-    every = list(_with_inner(regions))
-    params_before = {id(r): _unique_params(gm, r) for r in every}
-    channel_dims = {id(r): block_channel_dim(r.entry, r.nodes, modules) for r in every}
-    readers = _weight_readers(gm)
-    by_prefix = _by_prefix(gm)
-    erased: set[torch.fx.Node] = set()  # nodes the splices removed: stale entries of readers and by_prefix
-    pending = list(reversed(regions))  # a stack: a declined unit pushes the blocks inside it
-    while pending:
-        region = pending.pop()
-        region.entry = replaced.get(region.entry, region.entry)
-        path, layers = _block_path(modules, region)
-        cd = channel_dims[id(region)]
+
+    def __init__(self, gm: torch.fx.GraphModule, regions: Sequence[Region], options: MGICOptions) -> None:
+        self.gm, self.options = gm, options
+        self.modules = dict(gm.named_modules())
+        self.factory = VariantFactory()
+        every = list(_with_inner(regions))
+        self.params_before = {id(r): _unique_params(gm, r) for r in every}
+        self.channel_dims = {id(r): block_channel_dim(r.entry, r.nodes, self.modules) for r in every}
+        self.readers = _weight_readers(gm)
+        self.by_prefix = _by_prefix(gm)
+        self.erased: set[torch.fx.Node] = set()
+        self.taken: set[str] = set()
+        self.replaced: dict[torch.fx.Node, torch.fx.Node] = {}
+
+    def target_for(self, path: str, region: Region) -> str:
+        """The block's own module path when it owns that module outright, else a fresh attribute name."""
+        inside = set(region.nodes)
+        if path and ".." not in path and path not in self.taken and path in self.by_prefix:
+            owned = all(
+                n in inside if n.op == "call_module" else all(u in inside for u in n.users)
+                for n in self.by_prefix[path]
+                if n not in self.erased
+            )
+            if owned:
+                return path
+        base = (path.replace("..", "_to_").replace(".", "_") or "block") + "_mgic"
+        name, k = base, 1
+        while name in self.taken or hasattr(self.gm, name):
+            name, k = f"{base}_{k}", k + 1
+        return name
+
+    def splice(self, region: Region, path: str, mgic: MGICBlock) -> str:
+        """Put ``mgic`` in place of ``region``; returns the module path it is stored at."""
+        target = self.target_for(path, region)
+        self.taken.add(target)
+        self.replaced[region.exit] = _splice(self.gm, region, target, mgic, self.erased)
+        return target
+
+    def try_region(self, region: Region, decisions: list[BlockDecision]) -> list[Region]:
+        """Rewrite ``region`` or record why not; returns the blocks inside a declined unit, to try instead."""
+        region.entry = self.replaced.get(region.entry, region.entry)
+        path, layers = _block_path(self.modules, region)
+        cd = self.channel_dims[id(region)]
         entry_shape, exit_shape = shape_of(region.entry), shape_of(region.exit)
         common = dict(path=path, kind=region.kind, layers=layers, nodes=tuple(n.name for n in region.nodes))
         if cd is None:
             decisions.append(BlockDecision(status=SKIPPED, reason="cannot tell which dimension holds the channels",
                                            decline=Decline.NO_CHANNEL_DIM, width=0, out_width=0, channel_dim=-1,
                                            **common))
-            continue
+            return []
         widths = dict(width=entry_shape[cd], out_width=exit_shape[cd],
                       channel_dim=-1 if cd == len(entry_shape) - 1 and cd > 1 else cd)
+        before = self.params_before[id(region)]
         try:
-            layer_widths = _layer_widths(modules, region, cd)  # the layers as they were before any rewrite
-            hier = _decide(gm, region, options, path=path, layers=layers, cd=cd, widths=layer_widths,
-                           readers=readers, erased=erased, modules=modules)
-            mgic = _build(gm, region, hier, cd=cd, widths=layer_widths, factory=factory)
-            mgic.train(gm.get_submodule(layers[0]).training if layers else gm.training)
-            info = _account(mgic, hier, before=params_before[id(region)], c_in=entry_shape[cd],
-                            c_out=exit_shape[cd], group_size=options.group_size)
+            layer_widths = _layer_widths(self.modules, region, cd)  # the layers as they were before any rewrite
+            hier = _decide(self, region, path=path, layers=layers, cd=cd, widths=layer_widths)
+            mgic = _build(self.gm, region, hier, cd=cd, widths=layer_widths, factory=self.factory)
+            mgic.train(self.gm.get_submodule(layers[0]).training if layers else self.gm.training)
+            info = _account(mgic, hier, before=before, c_in=entry_shape[cd], c_out=exit_shape[cd],
+                            sizes=self.options.sizes_for(path, layers))
         except _Decline as why:
             inner = sum(1 for d in decisions if d.rewritten and set(d.nodes) <= {n.name for n in region.nodes})
             reason = str(why) + (f"; {inner} block(s) inside it rewritten on their own" if inner else "")
             if region.inner:
                 reason += f"; the {len(region.inner)} block(s) inside it are tried instead"
-                pending.extend(reversed(region.inner))
-            decisions.append(BlockDecision(status=SKIPPED, reason=reason, params_before=params_before[id(region)],
-                                           decline=why.kind, skip_pattern=why.pattern, **widths, **common))
-            continue
-        target = _target_for(gm, path, region, taken, by_prefix, erased)
-        taken.add(target)
-        replaced[region.exit] = _splice(gm, region, target, mgic, erased)
+            decisions.append(BlockDecision(status=SKIPPED, reason=reason, params_before=before, decline=why.kind,
+                                           skip_pattern=why.pattern, **widths, **common))
+            return list(region.inner)
+        target = self.splice(region, path, mgic)
         decisions.append(BlockDecision(status=REWRITTEN, reason=None, module=target, **widths, **info, **common))
+        return []
+
+
+def rewrite_blocks(gm: torch.fx.GraphModule, regions: Sequence[Region], options: MGICOptions
+                   ) -> list[BlockDecision]:
+    """Replace every region that qualifies by an MGICBlock; return one decision per region.
+
+    ``gm`` is modified in place (it must be the compiler's private copy). Each block is
+    sized by ``options.sizes_for(path)``: the global sizes, or its ``block_sizes`` entry.
+    """
+    run = _Rewrite(gm, regions, options)
+    decisions: list[BlockDecision] = []
+    pending = list(reversed(regions))  # a stack: a declined unit pushes the blocks inside it
+    while pending:
+        pending.extend(reversed(run.try_region(pending.pop(), decisions)))
     return decisions
 
 

@@ -30,25 +30,11 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from .._modcopy import copy_structure
+from .._modcopy import copy_structure, meta_copy
 from ..errors import InputError, first_line
 
 __all__ = ["propagate_shapes", "propagate_other_size", "run_fake", "run_meta", "meta_copy", "shape_of",
            "tensor_meta", "other_shape_of", "same_shape"]
-
-
-def meta_copy(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` whose parameters, buffers and tensor constants live on the meta device."""
-    shadow = copy_structure(module, lambda t: t.detach().to("meta"), hooks=False)
-    if isinstance(shadow, torch.fx.GraphModule):  # plain tensor constants referenced by get_attr
-        for node in shadow.graph.nodes:
-            if node.op == "get_attr":
-                *parent, name = str(node.target).split(".")
-                owner = shadow.get_submodule(".".join(parent))
-                value = getattr(owner, name, None)
-                if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and value.device.type != "meta":
-                    setattr(owner, name, value.to("meta"))
-    return shadow
 
 
 def run_meta(gm: torch.fx.GraphModule, inputs: Sequence[Any], *, shadow: nn.Module | None = None,

@@ -32,6 +32,7 @@ a variant that maps its input shape to itself is allocated and initialised.
 
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -42,29 +43,11 @@ from torch import nn
 
 from .._modcopy import copy_structure, fetch_attr
 from ..errors import first_line
-from ..layers import VariantError, has_weights, instantiate, is_channel_norm, layer_channel_dim, reinstantiate
+from ..hierarchy import LevelSpec, VariantError
+from ..layers import has_weights, instantiate, is_channel_norm, layer_channel_dim, reinstantiate
 from .shapes import shape_of
 
 __all__ = ["LevelSpec", "VariantError", "VariantFactory", "extract_block", "common_prefix"]
-
-
-@dataclass(frozen=True)
-class LevelSpec:
-    """One level of the hierarchy: channel width, group count, and whether to drop strides."""
-
-    width: int
-    groups: int
-    block_widths: frozenset[int]  # original widths that map to ``width`` (c_in, c_out)
-    reference_width: int  # the original width ``width`` stands for (scales inner widths)
-    unstride: bool = False
-
-    def map_width(self, w: int) -> int:
-        if w in self.block_widths:
-            return self.width
-        if w == 1:  # a broadcast width (attention logit, gate): stays 1
-            return 1
-        g = self.groups
-        return max(1, round(w * self.width / self.reference_width / g)) * g
 
 
 def common_prefix(paths: list[str]) -> str:
@@ -158,7 +141,13 @@ class _Reinstantiate(torch.fx.Interpreter):
 
     def run_node(self, n: torch.fx.Node) -> Any:
         self.node = n
-        return super().run_node(n)
+        result = super().run_node(n)
+        before = shape_of(n)
+        if isinstance(result, torch.Tensor) and 0 in result.shape and before is not None and 0 not in before:
+            raise VariantError(f"at width {self.spec.width} {n.op} {n.target} makes an empty tensor "
+                               f"{tuple(result.shape)} (from {tuple(before)}): a size the code fixes (a channel "
+                               f"slice such as x[:, :32]) does not fit the level")
+        return result
 
     def fetch_args_kwargs_from_env(self, n: torch.fx.Node) -> tuple[tuple, dict]:
         from ..passes.shapes import mutable_args  # fresh lists, as the generated code passes them
@@ -189,7 +178,18 @@ class _Reinstantiate(torch.fx.Interpreter):
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
         if target in _SIZED_FUNCTIONS:
             args, kwargs = self._map_sizes((args, kwargs))
+        elif target is operator.getitem and isinstance(args[0], torch.Tensor):  # x[:, 32:]: bounds that are widths
+            args = (args[0], self._map_slices(args[1]))
         return super().call_function(target, args, kwargs)
+
+    def _map_slices(self, index: Any) -> Any:
+        """The slices of a tensor index with their integer bounds mapped like sizes (not plain integer indices)."""
+        if isinstance(index, slice):
+            start, stop = self._map_sizes((index.start, index.stop))
+            return slice(start, stop, index.step)
+        if isinstance(index, tuple):
+            return tuple(self._map_slices(i) for i in index)
+        return index
 
     def call_method(self, target: str, args: Any, kwargs: Any) -> Any:
         if target in _SIZED_METHODS:
@@ -348,6 +348,8 @@ class VariantFactory:
 
 
 def _replace_ints(value: Any, mapping: dict[int, int]) -> Any:
+    if isinstance(value, slice):
+        return slice(_replace_ints(value.start, mapping), _replace_ints(value.stop, mapping), value.step)
     if isinstance(value, bool) or not isinstance(value, (int, tuple, list, dict)):
         return value
     if isinstance(value, int):
