@@ -63,7 +63,7 @@ __all__ = [
     "LayerRule", "LAYER_RULES", "UNKNOWN", "VariantError", "rule_of", "layer_channel_dim", "is_channel_mixing",
     "allocates", "returns_input_in_place", "absorbs_batchnorm", "is_foldable_batchnorm", "is_known_leaf",
     "is_channel_norm", "is_projection", "is_pooling", "may_follow_as_tail", "example_input_shape", "has_weights", "reinstantiate", "instantiate",
-    "inheritance_kind",
+    "inheritance_kind", "channel_io", "grouped_weight",
 ]
 
 ResizeRule = Callable[[Any, int, "LevelSpec", Callable[[int], int]], nn.Module]
@@ -337,6 +337,26 @@ def example_input_shape(module: nn.Module) -> Optional[tuple[int, ...]]:
     """The input shape a model whose first layer is ``module`` takes (``None``: it does not tell)."""
     shape = rule_of(module).example_input
     return None if shape is None else shape(module)
+
+
+def channel_io(module: nn.Module) -> tuple[int, int]:
+    """``(input, output)`` channels of a convolution or a (grouped) linear layer."""
+    if isinstance(module, GroupedLinear) or not hasattr(module, "in_channels"):
+        return module.in_features, module.out_features
+    return module.in_channels, module.out_channels
+
+
+def grouped_weight(module: nn.Module) -> tuple[torch.Tensor, int]:
+    """A conv's or (grouped) linear layer's weight in conv layout ``(out, in / groups, *kernel)``, and ``groups``.
+
+    A :class:`~mgic_transform.nn.transfer.GroupedLinear` stores ``(groups, out / groups, in / groups)``;
+    a ``Linear`` is one group. Detached: for reading.
+    """
+    w = module.weight.detach()
+    if isinstance(module, GroupedLinear):
+        g, o, i = w.shape
+        return w.reshape(g * o, i), g
+    return w, getattr(module, "groups", 1)
 
 
 def has_weights(module: nn.Module) -> bool:

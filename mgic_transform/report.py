@@ -40,10 +40,9 @@ import torch
 from torch import nn
 
 from .counting import FLOP_CONVENTION, FlopCount, count_flops, count_params, count_params_of, eval_mode, outermost
-from .errors import InputError
 from .inputs import as_input_tuple, infer_example_inputs
 from .options import MGICOptions
-from .plan import BlockDecision, BlockFit, Budget, MGICPlan, plan_of
+from .plan import BlockDecision, BlockFit, Budget, plan_of
 
 __all__ = ["BlockRow", "Report", "compare", "count_params", "count_flops", "eval_mode", "FlopCount", "FLOP_CONVENTION"]
 

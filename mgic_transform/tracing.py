@@ -26,7 +26,8 @@ import torch.fx
 from torch import nn
 
 from .errors import TraceError, first_line
-from .layers import is_known_leaf
+from .layers import is_channel_mixing, is_known_leaf
+from .ops import aliases_input, is_in_place_op, is_metadata_write
 
 __all__ = ["InPlaceProxy", "LeafTracer", "StateChange", "trace", "writes_in_place", "eliminate_dead_code"]
 
@@ -51,19 +52,6 @@ for _name, _op in (("__iadd__", operator.iadd), ("__isub__", operator.isub), ("_
             lambda self, other, op=_op: self.tracer.create_proxy("call_function", op, (self, other), {}))
 
 
-IN_PLACE_OPERATORS = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv})
-
-
-@functools.lru_cache(maxsize=None)
-def _inplace_position(fn: Any) -> Optional[int]:
-    """Position of an ``inplace`` parameter of ``fn`` (``F.relu(x, True)``), if it has one."""
-    try:
-        names = list(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return None
-    return names.index("inplace") if "inplace" in names else None
-
-
 def writes_in_place(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Does ``node`` write into its first argument (``x += y``, ``x.relu_()``, ``ReLU(inplace=True)``)?
 
@@ -72,50 +60,7 @@ def writes_in_place(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
     """
     if node.op == "call_module":
         return getattr(modules.get(str(node.target)), "inplace", False) is True
-    if node.op == "call_method":
-        name = str(node.target)
-        return name.endswith("_") and not name.endswith("__")
-    if node.op == "call_function":
-        if node.target in IN_PLACE_OPERATORS or getattr(node.target, "__name__", "").endswith("_"):
-            return True
-        if node.kwargs.get("inplace") is True:
-            return True
-        pos = _inplace_position(node.target)
-        return pos is not None and len(node.args) > pos and node.args[pos] is True
-    return False
-
-
-# Ops whose result always shares memory with their first argument: an in-place write into the result is a write
-# into the argument (``self.weight.data.clamp_()``, ``self.buf.view(-1).zero_()``, ``self.buf[0].add_(1)``).
-# Ops that *may* copy (``reshape``, ``flatten``, ``contiguous``, ``to``) are not followed: an in-place op on a copy
-# changes no state. A write they hide stays in the graph, where the rewrite sees the parameter used outside the block.
-ALIASING_METHODS = frozenset({"detach", "view", "view_as", "unflatten", "unsqueeze", "squeeze", "t", "transpose",
-                              "permute", "expand", "expand_as", "narrow", "select", "as_strided", "unbind", "split",
-                              "chunk", "diagonal", "movedim", "swapaxes", "swapdims", "moveaxis", "unfold"})
-ALIASING_FUNCTIONS = frozenset({torch.detach, torch.transpose, torch.select, torch.narrow, torch.unbind, torch.squeeze,
-                                torch.unsqueeze, torch.permute, torch.movedim, torch.moveaxis, torch.swapaxes,
-                                torch.swapdims, torch.t, torch.diagonal, torch.split, torch.chunk, torch.as_strided})
-ALIASING_ATTRIBUTES = frozenset({"data", "T", "mT", "H", "mH", "real", "imag"})
-NOT_DATA_WRITES = frozenset({"requires_grad_"})  # in-place on metadata only
-
-
-def _basic_index(index: Any) -> bool:
-    """Whether ``t[index]`` is a view: ints, slices, ``None`` and ``...`` only (a tensor or list index copies)."""
-    parts = index if isinstance(index, tuple) else (index,)
-    return all(p is None or p is Ellipsis or isinstance(p, (int, slice)) for p in parts)
-
-
-def _aliases_first_argument(node: torch.fx.Node) -> bool:
-    """Does ``node``'s value always share memory with its first argument (a view, ``.data``, basic indexing)?"""
-    if node.op == "call_method":
-        return node.target in ALIASING_METHODS
-    if node.op != "call_function" or not node.args:
-        return False
-    if node.target is getattr:
-        return len(node.args) > 1 and node.args[1] in ALIASING_ATTRIBUTES
-    if node.target is operator.getitem:
-        return len(node.args) > 1 and _basic_index(node.args[1])
-    return node.target in ALIASING_FUNCTIONS
+    return is_in_place_op(node)
 
 
 def aliased_state(node: Any) -> Optional[torch.fx.Node]:
@@ -128,7 +73,7 @@ def aliased_state(node: Any) -> Optional[torch.fx.Node]:
     while isinstance(node, torch.fx.Node):
         if node.op == "get_attr":
             return node
-        if not node.args or not _aliases_first_argument(node):
+        if not node.args or not aliases_input(node):
             return None
         node = node.args[0]
     return None
@@ -172,7 +117,7 @@ class LeafTracer(torch.fx.Tracer):
         if (torch.is_grad_enabled(), torch.is_inference_mode_enabled()) != self._grad_mode:
             self._note(where, "changes the grad mode (torch.no_grad / enable_grad / inference_mode), which the "
                               "graph does not record")
-        if node.args and writes_in_place(node, {}) and node.target not in NOT_DATA_WRITES:
+        if node.args and writes_in_place(node, {}) and not is_metadata_write(node):
             state = aliased_state(node.args[0])
             if state is not None and state not in self._flag_nodes:
                 through = "" if state is node.args[0] else " (through a view or .data)"
@@ -411,7 +356,7 @@ def _user_frame(exc: BaseException) -> Optional[traceback.FrameSummary]:
 def _part_hint(model: nn.Module) -> str:
     """For a failure in the model's own forward (a detector's, RAFT's): transform its largest convolutional part."""
     parts = [(sum(p.numel() for p in child.parameters()), name) for name, child in model.named_children()
-             if any(isinstance(m, nn.modules.conv._ConvNd) for m in child.modules())]
+             if any(is_channel_mixing(m) for m in child.modules())]
     if not parts:
         return "mark the offending submodule as a leaf with leaf_modules=[...]"
     name = max(parts)[1]

@@ -48,7 +48,8 @@ def test_table_rows():
     unknown = type("Gate", (nn.Module,), {"forward": lambda self, x: x})()
     assert layers.rule_of(unknown) is layers.UNKNOWN
     assert not layers.allocates(unknown) and layers.layer_channel_dim(unknown) is None
-    assert layers.may_follow_as_tail(unknown) and not layers.may_follow_as_tail(conv)
+    assert not layers.may_follow_as_tail(unknown) and not layers.may_follow_as_tail(conv)  # an opaque leaf bounds a block
+    assert layers.may_follow_as_tail(nn.Dropout()) and layers.may_follow_as_tail(nn.ReLU())
 
 
 class _Mix(nn.Module):

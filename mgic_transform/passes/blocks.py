@@ -36,6 +36,7 @@ import torch.fx
 from torch import nn
 
 from ..layers import may_follow_as_tail
+from ..ops import is_concat
 from .channels import is_channel_mixing
 from .shapes import other_shape_of, same_shape, shape_of
 
@@ -160,12 +161,9 @@ def _is_full_merge(exit: torch.fx.Node, inside: set, entry: torch.fx.Node) -> bo
         s = shape_of(a)
         if s is None or len(s) != len(out) or sum(x != y for x, y in zip(s, out)) > 1:
             return False
-        if len(out) > 2 and any(x != y for x, y in zip(s[2:], out[2:])) and exit.target not in _CAT_OPS:
+        if len(out) > 2 and any(x != y for x, y in zip(s[2:], out[2:])) and not is_concat(exit):
             return False
     return True
-
-
-_CAT_OPS = (torch.cat, torch.concat, torch.concatenate)
 
 
 def _region_between(g: nx.DiGraph, entry, exit, order: dict) -> list[torch.fx.Node]:

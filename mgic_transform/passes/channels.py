@@ -12,7 +12,7 @@ block that needs them is reported as unsupported.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Iterable, Iterator, Mapping, Optional
 
 import torch.fx
 from torch import nn

@@ -64,8 +64,7 @@ from torch import nn
 
 from .._modcopy import fetch_attr
 from ..nn.mgic_block import MGICBlock
-from ..layers import inheritance_kind
-from ..nn.transfer import GroupedLinear
+from ..layers import channel_io, grouped_weight, inheritance_kind
 from ..plan import BlockDecision
 
 __all__ = ["LayerInit", "inherit_weights", "inherit_block", "coarsening", "galerkin", "transfer_matrix",
@@ -120,8 +119,8 @@ def coarsening(n: int, m: int, *, dtype: torch.dtype = torch.float64,
 
 def transfer_matrix(op: nn.Module) -> torch.Tensor:
     """The dense ``out x in`` matrix of a grouped 1x1 transfer operator (``PointwiseConvNd`` or ``GroupedLinear``)."""
-    w, g = op.weight.detach(), op.groups
-    blocks = w if isinstance(op, GroupedLinear) else w.reshape(g, w.shape[0] // g, -1)  # (G, out/G, in/G)
+    w, g = grouped_weight(op)
+    blocks = w.reshape(g, w.shape[0] // g, -1)  # (G, out/G, in/G)
     return torch.block_diag(*blocks.to(torch.float64))
 
 
@@ -214,10 +213,7 @@ def _conv_rule(new: nn.Module, old: nn.Module, ops: _Widths) -> None:
 
 def _linear_parts(mod: nn.Module) -> tuple[torch.Tensor, int, int, int]:
     """(weight in conv layout ``(out, in / groups)``, groups, in, out) of a Linear or GroupedLinear."""
-    if isinstance(mod, GroupedLinear):
-        g, o, i = mod.weight.shape
-        return mod.weight.detach().reshape(g * o, i), g, mod.in_features, mod.out_features
-    return mod.weight.detach(), 1, mod.in_features, mod.out_features
+    return (*grouped_weight(mod), *channel_io(mod))
 
 
 def _linear_rule(new: nn.Module, old: nn.Module, ops: _Widths) -> None:
@@ -236,8 +232,8 @@ def _norm_rule(new: nn.Module, old: nn.Module, ops: _Widths) -> None:
     """BatchNorm / InstanceNorm (statistics and affine), GroupNorm, LayerNorm over channels, PReLU."""
     if type(old) is not type(new):
         raise _Scratch(f"the original is a {type(old).__name__}, the level has a {type(new).__name__}")
-    if isinstance(new, nn.LayerNorm) and len(new.normalized_shape) != 1:
-        raise _Scratch(f"LayerNorm over {len(new.normalized_shape)} dimensions")
+    if len(getattr(new, "normalized_shape", ())) > 1:
+        raise _Scratch(f"{type(new).__name__} over {len(new.normalized_shape)} dimensions")
     for name in ("weight", "bias", "running_mean", "running_var"):
         t_new, t_old = getattr(new, name, None), getattr(old, name, None)
         if t_new is None or t_old is None:
@@ -286,7 +282,7 @@ def _set_aggregation_(block: MGICBlock) -> bool:
     """
     pairs = []
     for r, p in zip(block.restrict, block.prolong):
-        fine, coarse = _io(r)[0], _io(r)[1]
+        fine, coarse = channel_io(r)
         R, P = coarsening(fine, coarse, device=r.weight.device)
         wr, wp = _grouped_blocks(R, r.groups), _grouped_blocks(P, p.groups)
         if wr is None or wp is None:
@@ -296,12 +292,6 @@ def _set_aggregation_(block: MGICBlock) -> bool:
         _copy_(r.weight, wr)
         _copy_(p.weight, wp)
     return True
-
-
-def _io(op: nn.Module) -> tuple[int, int]:
-    if isinstance(op, GroupedLinear):
-        return op.in_features, op.out_features
-    return op.in_channels, op.out_channels
 
 
 def _grouped_blocks(M: torch.Tensor, groups: int) -> Optional[torch.Tensor]:
@@ -333,7 +323,7 @@ def inherit_block(block: MGICBlock, original: nn.Module, prefix: str, *,
         _scale_corrections(block, correction_scale)
         return tuple(LayerInit(full(n), False, why) for n in names)
     aggregated = _set_aggregation_(block)
-    c = _io(block.restrict[0])[0]
+    c = channel_io(block.restrict[0])[0]
     R_outer = torch.eye(c, dtype=torch.float64, device=block.restrict[0].weight.device)
     P_outer = R_outer
     outcome: dict[str, Optional[str]] = {}

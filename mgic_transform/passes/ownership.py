@@ -34,27 +34,17 @@ In the printed code this reads::
 
 from __future__ import annotations
 
-import operator
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import nn
 
 from ..layers import allocates, returns_input_in_place
+from ..ops import allocates_result
 from ..nn.mgic_block import MGICBlock, unobserved
 from ..tracing import writes_in_place
 
 __all__ = ["mark_overwritable_inputs", "is_fresh"]
-
-# Layers: the ``allocates`` / ``returns_input_in_place`` columns of the layer-rules table.
-_ALLOCATING_FUNCTIONS = {
-    operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div,
-    torch.cat, torch.concat, torch.relu, torch.sigmoid, torch.tanh,
-    F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu, F.mish,
-}
-_ALLOCATING_METHODS = {"add", "sub", "mul", "div", "relu", "sigmoid", "tanh", "clone"}
-
 
 def _writes_into_first_argument(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool | None:
     """``True``: the op returns its first argument, written in place; ``False``: it allocates; ``None``: unknown."""
@@ -65,11 +55,7 @@ def _writes_into_first_argument(node: torch.fx.Node, modules: dict[str, nn.Modul
         return None
     if node.op == "call_module":
         return False if allocates(modules.get(str(node.target))) else None
-    if node.op == "call_function":
-        return False if node.target in _ALLOCATING_FUNCTIONS else None
-    if node.op == "call_method":
-        return False if node.target in _ALLOCATING_METHODS else None
-    return None  # placeholder, get_attr: memory the caller or the module holds
+    return False if allocates_result(node) else None  # placeholder, get_attr: memory someone else holds
 
 
 def is_fresh(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:

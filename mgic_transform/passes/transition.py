@@ -27,23 +27,15 @@ the graph alone (``rule="compact"`` keeps version 0.1's transitions):
 
 from __future__ import annotations
 
-import operator
 from typing import Optional
 
 import torch
 import torch.fx
 
 from ..layers import is_channel_norm, is_pooling, is_projection
+from ..ops import is_add, is_reshape
 
 __all__ = ["drop_projection_shortcut", "is_head"]
-
-_ADDS = {operator.add, operator.iadd, torch.add}
-_WEIGHTLESS_PASS_THROUGH = {"flatten", "view", "reshape", "squeeze", "contiguous", "float", "to"}
-
-
-def _is_add(n: torch.fx.Node) -> bool:
-    return (n.op == "call_function" and n.target in _ADDS) or (n.op == "call_method" and n.target in ("add", "add_"))
-
 
 def _projection_branch(block: torch.fx.GraphModule, arg: torch.fx.Node, x: torch.fx.Node
                        ) -> Optional[list[torch.fx.Node]]:
@@ -71,7 +63,7 @@ def drop_projection_shortcut(block: torch.fx.GraphModule) -> bool:
     """
     x = next(n for n in block.graph.nodes if n.op == "placeholder")
     for join in block.graph.nodes:
-        if not _is_add(join):
+        if not is_add(join):
             continue
         for arg in join.all_input_nodes:
             chain = _projection_branch(block, arg, x)
@@ -94,8 +86,6 @@ def is_head(exit: torch.fx.Node) -> bool:
         for user in node.users:
             if user.op == "output":
                 return True
-            reshape = (user.op == "call_method" and user.target in _WEIGHTLESS_PASS_THROUGH) or (
-                user.op == "call_function" and user.target in (torch.flatten, torch.squeeze, torch.reshape))
-            if reshape:
+            if is_reshape(user):
                 frontier.append(user)
     return False

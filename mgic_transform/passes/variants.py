@@ -45,6 +45,7 @@ from .._modcopy import copy_structure, fetch_attr
 from ..errors import first_line
 from ..hierarchy import LevelSpec, VariantError
 from ..layers import has_weights, instantiate, is_channel_norm, layer_channel_dim, reinstantiate
+from ..ops import takes_sizes
 from .shapes import shape_of
 
 __all__ = ["LevelSpec", "VariantError", "VariantFactory", "extract_block", "common_prefix"]
@@ -116,14 +117,6 @@ def _resize_tensor(t: torch.Tensor, spec: LevelSpec, widths: frozenset[int]) -> 
     return nn.Parameter(out, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else out
 
 
-# Ops whose integer arguments are sizes: a channel width baked into the graph at
-# trace time (LayerNorm2d's normalized_shape, Res2Net's split size, a layer-scale
-# view) is mapped to the level's width like the layers around it.
-_SIZED_FUNCTIONS = {torch.split, torch.reshape, torch.nn.functional.layer_norm, torch.layer_norm,
-                    torch.nn.functional.group_norm, torch.unflatten}
-_SIZED_METHODS = {"view", "reshape", "split", "split_with_sizes", "expand", "unflatten", "new_zeros", "new_ones"}
-
-
 class _Reinstantiate(torch.fx.Interpreter):
     """Replays a block graph on fake tensors, creating the level's layers on the way."""
 
@@ -176,7 +169,7 @@ class _Reinstantiate(torch.fx.Interpreter):
         return self.observed.get(w) or self.spec.map_width(w)
 
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
-        if target in _SIZED_FUNCTIONS:
+        if takes_sizes("call_function", target):
             args, kwargs = self._map_sizes((args, kwargs))
         elif target is operator.getitem and isinstance(args[0], torch.Tensor):  # x[:, 32:]: bounds that are widths
             args = (args[0], self._map_slices(args[1]))
@@ -192,7 +185,7 @@ class _Reinstantiate(torch.fx.Interpreter):
         return index
 
     def call_method(self, target: str, args: Any, kwargs: Any) -> Any:
-        if target in _SIZED_METHODS:
+        if takes_sizes("call_method", target):
             args, kwargs = self._map_sizes((args, kwargs))
         return super().call_method(target, args, kwargs)
 
