@@ -6,6 +6,7 @@
 """
 
 from .api import mgicify
+from .passes.calibrate import calibrate
 from .deploy import export_pt2, load_pt2, optimize_for_inference
 from .errors import MGICError
 from .inference import fold_batchnorm
@@ -14,7 +15,7 @@ from .options import MGICOptions
 from .plan import BlockDecision, BlockFit, MGICPlan, plan_of
 from .report import Report, compare
 
-__all__ = ["mgicify", "compare", "fold_batchnorm", "optimize_for_inference", "export_pt2", "load_pt2",
+__all__ = ["mgicify", "calibrate", "compare", "fold_batchnorm", "optimize_for_inference", "export_pt2", "load_pt2",
            "plan_of", "Report", "MGICBlock", "MGICError", "MGICOptions",
            "MGICPlan", "BlockDecision", "BlockFit"]
 __version__ = "0.1.0"

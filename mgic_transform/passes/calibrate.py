@@ -1,0 +1,679 @@
+"""Fit every MGIC block to the trained network it replaces, on a few unlabeled inputs (``calibrate``).
+
+``mgicify(trained, x, init="inherit")`` builds every level of an MGIC block from
+the trained weights (Galerkin products, :mod:`mgic_transform.passes.inherit`),
+but the finest level keeps only ``1/G_0`` of each dense weight and the trained
+BatchNorm statistics no longer describe what the levels compute: the block's
+output is far from the trained block's (relative error 0.66-0.85 on MNIST-1D
+and digits) and the network starts at chance. Compressing a trained network
+without retraining it is done, in the literature, by fitting each compressed
+piece to the original's own activations on a small calibration set (He et al.
+2017 and ThiNet for pruned layers; AdaRound, BRECQ for quantised blocks; OBC,
+SparseGPT). An MGIC block is an ideal unit for this: a self-contained module
+with a known input and a known target output. This pass does it::
+
+    for block k = 1 .. K, in graph order:
+        X_k = the transformed network's input to block k    (blocks 1 .. k-1 already fitted)
+        Y_k = the trained network's activation at the exit of the block k replaced, same batch
+        fit block k so that MGIC_k(X_k) ~ Y_k
+
+The order is BRECQ's: the input comes from the *transformed* network, so block k
+learns to correct what blocks ``1 .. k-1`` still get wrong instead of errors piling
+up, and the target from the *original*, so nothing drifts from the trained model.
+
+How one block is fitted (measured in ``benchmarks/compress_trained.py``)
+    1. *BatchNorm statistics.* Every BatchNorm of the block (the levels' own and the
+       correction norms ``N_j``) gets running statistics re-estimated on ``X_k``
+       (train-mode forwards, cumulative average): the inherited ones describe the
+       trained layers, not the levels' block-diagonal and restricted ones.
+    2. *Adam on the block's output*, in eval mode (each BatchNorm a fixed per-channel
+       affine map), minimising ``||MGIC_k(x) - y||^2 / mean ||y||^2`` over random
+       mini-batches of the cached set, ``steps`` steps with a cosine-decayed learning
+       rate. Every parameter of the block learns: the levels, ``R_j``, ``P_j``, and
+       ``N_j``, whose weight starts at 0 under ``init="inherit"`` (its gradient is
+       not zero: the normalised input is not), which switches the coarse
+       corrections on as far as they help.
+    3. *Statistics refit.* After the fit, the BatchNorms' statistics are re-estimated
+       on ``X_k`` once more and each affine weight/bias is compensated
+       (``w' = w s'/s``, ``b' = b + w (m' - m)/s``, ``s = sqrt(var + eps)``), so the
+       eval-mode function is exactly the fitted one, and a train-mode fine-tuning
+       that follows normalises with statistics that fit the data: it starts from
+       the calibrated network instead of destroying it at the first step.
+
+Memory
+    The calibration inputs are read once (at most ``max_samples`` samples) and kept.
+    Then one block at a time: the block's inputs ``X_k`` and targets ``Y_k`` for the
+    whole calibration set are cached, ``max_samples x (c_in + c_out) x spatial`` values
+    (1,024 samples of a 64-channel 32x32 block: 2 x 256 MiB in float32; ResNet-50's
+    ``layer1`` at 224x224: 2 x 3.3 GiB, so use fewer samples there), and freed before
+    the next block. Activations are computed batch by batch (``batch_size``), by running
+    the transformed network up to block ``k``'s input and the original up to block
+    ``k``'s exit, never the whole set's activations of every block.
+
+What is not touched
+    ``original`` never changes: it is run as a private copy of its module tree
+    (buffers cloned, hooks removed, eval mode) that shares its parameters and
+    computes without autograd. The global RNG state is unchanged (mini-batches are
+    drawn from a private generator; ``seed`` fixes it, so a second call with the
+    same seed gives bit-identical weights on the same device).
+
+The result is recorded per block on the plan: ``BlockDecision.fit`` is a
+:class:`~mgic_transform.plan.BlockFit` (error before and after, steps, samples, seconds).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import sys
+import time
+import warnings
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import torch
+import torch.fx
+from torch import nn
+
+from .._modcopy import copy_structure
+from ..errors import InputError, MGICError
+from ..layers import inheritance_kind
+from ..nn.mgic_block import MGICBlock
+from ..plan import BlockDecision, BlockFit, MGICPlan, attach_plan, plan_of
+from ..tracing import eliminate_dead_code, trace
+from .inherit import _prefix as _inherit_prefix
+
+__all__ = ["calibrate", "CalibrationData", "DEFAULT_STEPS", "DEFAULT_LR", "DEFAULT_BATCH_SIZE"]
+
+DEFAULT_STEPS = 300  # Adam steps per block
+DEFAULT_LR = 1e-2  # peak learning rate of the per-block Adam fit (cosine-decayed to 0); 3e-3 and 3e-2 fitted worse
+DEFAULT_BATCH_SIZE = 64  # samples per forward while caching and per Adam step
+
+Progress = Union[bool, None, Callable[[str], None]]
+
+
+# ----------------------------------------------------------------------------- reading the calibration data
+
+
+class CalibrationData:
+    """The calibration inputs, read once: one tensor per model input, the samples along dim 0.
+
+    Built by :meth:`read` from what a user passes to :func:`calibrate` (a tensor, an
+    iterable of input batches, or of ``(input, target)`` pairs as a DataLoader yields
+    them); :meth:`batches` hands them out ``batch_size`` samples at a time.
+    """
+
+    def __init__(self, inputs: tuple[torch.Tensor, ...]) -> None:
+        self.inputs = inputs
+
+    def __len__(self) -> int:
+        return self.inputs[0].shape[0]
+
+    def batches(self, batch_size: int) -> Iterable[tuple[torch.Tensor, ...]]:
+        for i in range(0, len(self), batch_size):
+            yield tuple(t[i:i + batch_size] for t in self.inputs)
+
+    @classmethod
+    def read(cls, data: Any, n_inputs: int, example: Sequence[torch.Tensor], max_samples: int,
+             device: torch.device) -> "CalibrationData":
+        """Check and collect at most ``max_samples`` samples of ``data``; :class:`InputError` if unusable."""
+        if isinstance(data, torch.Tensor):
+            data = [data]
+        elif isinstance(data, (str, bytes, dict)) or not hasattr(data, "__iter__"):
+            raise InputError(f"calibration data must be a tensor or an iterable of batches (a DataLoader), got "
+                             f"{type(data).__name__}. Hint: pass train_inputs[:1024], or a DataLoader over the "
+                             f"training set.")
+        parts: list[tuple[torch.Tensor, ...]] = []
+        count = 0
+        for k, batch in enumerate(data):
+            inputs = _batch_inputs(batch, n_inputs, k)
+            _check_like_example(inputs, example, k)
+            take = min(inputs[0].shape[0], max_samples - count)
+            parts.append(tuple(t[:take].detach().to(device) for t in inputs))
+            count += take
+            if count >= max_samples:
+                break
+        if count == 0:
+            raise InputError("the calibration data holds no sample. Hint: pass a non-empty tensor or DataLoader of "
+                             "training inputs (a few hundred to 1,024 samples).")
+        return cls(tuple(torch.cat([p[i] for p in parts]) for i in range(n_inputs)))
+
+
+def _batch_inputs(batch: Any, n_inputs: int, k: int) -> tuple[torch.Tensor, ...]:
+    """The model inputs of one batch: the tensor itself, or the first ``n_inputs`` items of a tuple/list."""
+    if isinstance(batch, torch.Tensor):
+        items: tuple = (batch,)
+    elif isinstance(batch, (tuple, list)):
+        items = tuple(batch)
+    else:
+        raise InputError(f"calibration batch {k} is a {type(batch).__name__}; expected a tensor or a tuple "
+                         f"(input, target) as a DataLoader yields. Hint: pass a DataLoader over a TensorDataset, "
+                         f"or a tensor of inputs.")
+    inputs = items[:n_inputs]
+    if len(inputs) < n_inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise InputError(f"calibration batch {k} should start with the model's {n_inputs} input tensor(s), got "
+                         f"{[type(t).__name__ for t in items]}. Hint: each batch is (input, ...) with the input "
+                         f"first, as mgicify's example_inputs.")
+    sizes = {t.shape[0] if t.dim() else None for t in inputs}
+    if len(sizes) != 1 or None in sizes or 0 in sizes:
+        raise InputError(f"calibration batch {k}: the inputs must hold the same number (>0) of samples along dim 0, "
+                         f"got shapes {[tuple(t.shape) for t in inputs]}.")
+    return inputs
+
+
+def _check_like_example(inputs: Sequence[torch.Tensor], example: Sequence[torch.Tensor], k: int) -> None:
+    for i, (t, e) in enumerate(zip(inputs, example)):
+        if t.dim() != e.dim() or (t.dim() > 1 and t.shape[1] != e.shape[1]) or t.dtype != e.dtype:
+            raise InputError(f"calibration batch {k}, input {i}: shape {tuple(t.shape)} ({t.dtype}) does not match "
+                             f"the example input mgicify was given, {tuple(e.shape)} ({e.dtype}). Hint: pass batches "
+                             f"of the model's real inputs (same dimensions, channels and dtype).")
+
+
+# ----------------------------------------------------------------------------- running a graph up to a node
+
+
+def _prefix(gm: torch.fx.GraphModule, outputs: Sequence[str], *, stop_before: Optional[str] = None
+            ) -> torch.fx.GraphModule:
+    """A GraphModule that runs ``gm``'s graph only as far as needed and returns the values of ``outputs``.
+
+    Every node after the last wanted one is dropped (also in-place ones, which
+    could overwrite a wanted value), then dead code (in-place writes kept).
+    ``stop_before`` names a node that must not run (a wanted value is its input).
+    Shares ``gm``'s submodules.
+    """
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    wanted = set(outputs)
+    for node in gm.graph.nodes:
+        if node.op == "output" or node.name == stop_before or not wanted - {n.name for n in env}:
+            break
+        env[node] = graph.node_copy(node, lambda a: env[a])
+    by_name = {n.name: v for n, v in env.items()}
+    graph.output(tuple(by_name[name] for name in outputs))
+    pm = torch.fx.GraphModule(gm, graph)
+    eliminate_dead_code(pm)
+    pm.recompile()
+    return pm
+
+
+def _private_original(original: nn.Module, plan: MGICPlan) -> torch.fx.GraphModule:
+    """``original`` traced as ``mgicify`` traced it, on a private eval-mode copy that shares its parameters.
+
+    The copy is traced in the model's own mode (so that a forward that branches on
+    ``self.training`` gives the graph ``mgicify`` saw, node names included), then put
+    in eval mode and stripped of hooks, which must not fire on the user's behalf.
+    """
+    options = getattr(plan, "options", None)  # MGICOptions (a plan of version 0.1 has none: the defaults)
+    leaf_modules = tuple(getattr(options, "leaf_modules", ()) or ())
+    concrete_args = getattr(options, "concrete_args", None)
+    work = copy_structure(original, lambda t: t if isinstance(t, nn.Parameter) else t.clone())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # mgicify already warned about what the trace keeps whole
+        traced = trace(work, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    for m in [*work.modules(), *traced.modules()]:
+        for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
+            getattr(m, name).clear()  # the copy's own dicts (copy_structure copies them)
+    return traced.eval()
+
+
+# ----------------------------------------------------------------------------- one block's data
+
+
+@dataclasses.dataclass
+class _BlockData:
+    """One block's cached calibration inputs ``x`` (transformed network) and targets ``y`` (original network)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    inner: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # original node name -> its values
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def batches(self, batch_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(0, len(self), batch_size):
+            yield self.x[i:i + batch_size], self.y[i:i + batch_size]
+
+
+def _mgic_node(gm: torch.fx.GraphModule, module: str) -> torch.fx.Node:
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and str(node.target) == module:
+            return node
+    raise MGICError(f"the transformed network has no call of its MGIC block {module!r} (was its graph edited after "
+                    f"mgicify?). Hint: calibrate the GraphModule mgicify returned.")
+
+
+@torch.no_grad()
+def _cache_block(gm: torch.fx.GraphModule, original: torch.fx.GraphModule, d: BlockDecision,
+                 data: CalibrationData, batch_size: int, inner: Sequence[str] = ()) -> _BlockData:
+    """Run the transformed network to block ``d``'s input and the original to its exit, batch by batch.
+
+    ``inner`` names nodes inside the original block whose values are cached too
+    (the layer targets of :func:`_least_squares_finest`).
+    """
+    node = _mgic_node(gm, d.module)
+    exit_name = d.nodes[-1]
+    if not any(n.name == exit_name for n in original.graph.nodes):
+        raise InputError(f"the original model has no node {exit_name!r}, the exit of block {d.path!r} when mgicify "
+                         f"traced it. Hint: pass calibrate() the same model (same code, leaf_modules and "
+                         f"concrete_args) that mgicify transformed.")
+    entry = node.args[0]
+    to_input = _prefix(gm, [entry.name], stop_before=node.name)
+    to_exit = _prefix(original, [exit_name, *inner])
+    xs: list[torch.Tensor] = []
+    ys: list[list[torch.Tensor]] = [[] for _ in range(1 + len(inner))]
+    for batch in data.batches(batch_size):
+        (x,) = to_input(*(t.clone() for t in batch))  # clones: a graph may write into its input in place
+        xs.append(x.detach().clone())
+        for store, value in zip(ys, to_exit(*(t.clone() for t in batch))):
+            store.append(value.detach().clone())
+    x, y = torch.cat(xs), torch.cat(ys[0])
+    block = gm.get_submodule(d.module)
+    out_shape = block(x[:1]).shape
+    if out_shape[1:] != y.shape[1:]:
+        raise InputError(f"block {d.path!r}: the MGIC block returns {tuple(out_shape[1:])} per sample but the "
+                         f"original's activation at {exit_name!r} is {tuple(y.shape[1:])}. Hint: pass calibrate() "
+                         f"the model mgicify transformed.")
+    return _BlockData(x, y, {name: torch.cat(v) for name, v in zip(inner, ys[1:])})
+
+
+@torch.no_grad()
+def _relative_error(block: nn.Module, data: _BlockData, batch_size: int) -> float:
+    """``||block(x) - y|| / ||y||`` over the whole cached set, in the block's current mode."""
+    diff = total = 0.0
+    for x, y in data.batches(batch_size):
+        out = block(x)
+        diff += (out - y).double().pow(2).sum().item()
+        total += y.double().pow(2).sum().item()
+    return math.sqrt(diff / total) if total > 0 else math.sqrt(diff)
+
+
+# ----------------------------------------------------------------------------- BatchNorm statistics
+
+
+def _running_norms(block: nn.Module) -> list[nn.Module]:
+    """The norms of ``block`` that keep running statistics (BatchNorm, tracked InstanceNorm), by duck typing."""
+    return [m for m in block.modules()
+            if getattr(m, "running_mean", None) is not None and getattr(m, "running_var", None) is not None
+            and hasattr(m, "reset_running_stats")]
+
+
+@torch.no_grad()
+def _estimate_statistics(block: nn.Module, data: _BlockData, batch_size: int, keep: Iterable[nn.Module] = ()) -> None:
+    """Re-estimate the running statistics of ``block``'s norms (not those in ``keep``) on the cached inputs.
+
+    A cumulative average over the batches. Only the norms run in train mode
+    (dropout and the like stay in eval mode); ``num_batches_tracked``, ``momentum``
+    and the flags are put back as they were.
+    """
+    keep = set(keep)
+    norms = [m for m in _running_norms(block) if m not in keep]
+    saved = [(m, m.training, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+             for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch counts equally
+        m.train()
+    try:
+        for x, _ in data.batches(batch_size):
+            block(x)
+    finally:
+        for m, training, momentum, tracked in saved:
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+            m.train(training)
+
+
+@torch.no_grad()
+def _input_statistics(block: nn.Module, data: _BlockData, batch_size: int, norms: Sequence[nn.Module]
+                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The running statistics each norm of ``norms`` would estimate from the inputs it gets in ``block`` as it runs.
+
+    ``block`` runs unchanged (in its current mode); a private train-mode copy of
+    every norm sees the same input (a forward pre-hook) and keeps a cumulative
+    average over the batches, so any norm with running statistics is handled the
+    way it handles them itself (channels-last, instance norms).
+    """
+    probes = []
+    for m in norms:
+        probe = copy.deepcopy(m)
+        probe.reset_running_stats()
+        probe.momentum = None
+        probes.append(probe.train())
+    def feed(probe: nn.Module) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple) -> None:
+            probe(args[0])
+        return hook
+
+    hooks = [m.register_forward_pre_hook(feed(probe)) for m, probe in zip(norms, probes)]
+    try:
+        for x, _ in data.batches(batch_size):
+            block(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [(p.running_mean, p.running_var) for p in probes]
+
+
+@torch.no_grad()
+def refit_statistics(block: nn.Module, data: _BlockData, batch_size: int) -> None:
+    """Running statistics re-estimated on the cached inputs, with the affine maps compensated: eval output unchanged.
+
+    An eval-mode norm computes ``w (x - m) / s + b`` with ``s = sqrt(var + eps)``.
+    With new statistics ``m', s'``, the weight ``w' = w s' / s`` and bias
+    ``b' = b + w (m' - m) / s`` give the same function. Because every norm's
+    output is unchanged, so is every norm's input: the new statistics are those
+    of each norm's input in the block as it runs now (eval mode), measured in one
+    pass. A train-mode step that follows then normalises with batch statistics
+    close to the running ones, i.e. it starts from the fitted function. A norm
+    without an affine map keeps its statistics.
+    """
+    norms = [m for m in _running_norms(block) if getattr(m, "weight", None) is not None
+             and getattr(m, "bias", None) is not None]
+    for m, (mean, var) in zip(norms, _input_statistics(block, data, batch_size, norms)):
+        std, new_std = (m.running_var + m.eps).sqrt(), (var + m.eps).sqrt()
+        m.bias.add_(m.weight * (mean - m.running_mean) / std)
+        m.weight.mul_(new_std / std)
+        m.running_mean.copy_(mean)
+        m.running_var.copy_(var)
+
+
+# ----------------------------------------------------------------------------- closed form: the finest level
+
+
+def _finest_layers(block: MGICBlock, d: BlockDecision, original: torch.fx.GraphModule) -> list[tuple[nn.Module, str]]:
+    """The conv/linear layers of the finest level, in graph order, each with the original node computing its target.
+
+    A layer qualifies when the original block calls its counterpart (same relative
+    module path) exactly once, with the same input and output widths: the finest
+    level is the block itself with grouped layers, so that node's output is what
+    the layer should compute. Width-changing blocks (their levels read the
+    connector) have no such counterparts.
+    """
+    if block.connector is not None:
+        return []
+    level = block.levels[0]
+    prefix = _inherit_prefix(level, d.layers, original)
+    if prefix is None:
+        return []
+    inside = set(d.nodes)
+    calls: dict[str, list[torch.fx.Node]] = {}
+    for n in original.graph.nodes:
+        if n.op == "call_module" and n.name in inside:
+            calls.setdefault(str(n.target), []).append(n)
+    found = []
+    for n in level.graph.nodes:
+        if n.op != "call_module":
+            continue
+        new = level.get_submodule(str(n.target))
+        full = f"{prefix}.{n.target}" if prefix else str(n.target)
+        nodes = calls.get(full, [])
+        if _solvable(new) and len(nodes) == 1 and _io_widths(new) == _io_widths(original.get_submodule(full)):
+            found.append((new, nodes[0].name))
+    return found
+
+
+def _solvable(module: nn.Module) -> bool:
+    kind = inheritance_kind(module)
+    return kind == "linear" or (kind == "conv" and not getattr(module, "transposed", False))
+
+
+def _io_widths(module: nn.Module) -> tuple[int, int]:
+    if inheritance_kind(module) == "linear":
+        return module.in_features, module.out_features
+    return module.in_channels, module.out_channels
+
+
+def _patches(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """The layer's input as ``(rows, groups, features)``: one row per output position (im2col for a conv)."""
+    if inheritance_kind(module) == "linear":
+        g = module.groups if hasattr(module, "groups") else 1
+        return a.reshape(-1, g, a.shape[-1] // g)
+    dims, g = len(module.kernel_size), module.groups
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    a = nn.functional.pad(a, module._reversed_padding_repeated_twice, mode=mode)
+    for i, (k, s, dil) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
+        a = a.unfold(2 + i, (k - 1) * dil + 1, s)[..., ::dil]  # (N, C, out..., k...) after every dim
+    n, c = a.shape[:2]
+    out = a.shape[2:2 + dims]
+    a = a.permute(0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims))  # (N, out..., C, k...)
+    return a.reshape(n * math.prod(out), g, (c // g) * math.prod(module.kernel_size))
+
+
+def _outputs(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """A layer's output (or target) as ``(rows, groups, out_features / groups)``, rows as in :func:`_patches`."""
+    g = getattr(module, "groups", 1)
+    if inheritance_kind(module) == "linear":
+        return t.reshape(-1, g, t.shape[-1] // g)
+    return t.movedim(1, -1).reshape(-1, g, t.shape[1] // g)
+
+
+def _set_solution(module: nn.Module, w: torch.Tensor) -> None:
+    """Write the solution ``(groups, features [+ 1 for the bias], out / groups)`` into the layer."""
+    bias = getattr(module, "bias", None)
+    if bias is not None:
+        bias.copy_(w[:, -1, :].reshape(-1))
+        w = w[:, :-1, :]
+    module.weight.copy_(w.transpose(1, 2).reshape(module.weight.shape))  # (G, out/G, features): conv, Linear, GroupedLinear
+
+
+@torch.no_grad()
+def _solve_layer(block: MGICBlock, module: nn.Module, target: torch.Tensor, data: _BlockData, batch_size: int,
+                 ridge: float) -> None:
+    """Least squares for one layer: its own inputs in the running block against the original layer's outputs."""
+    seen: dict[str, torch.Tensor] = {}
+    hook = module.register_forward_hook(lambda m, args, out: seen.__setitem__("a", args[0]))
+    gram = cross = None
+    try:
+        for i in range(0, len(data), batch_size):
+            block(data.x[i:i + batch_size])
+            a = _patches(module, seen.pop("a")).double()
+            if getattr(module, "bias", None) is not None:
+                a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
+            t = _outputs(module, target[i:i + batch_size]).double()
+            g_part, c_part = torch.einsum("rgf,rgh->gfh", a, a), torch.einsum("rgf,rgo->gfo", a, t)
+            gram, cross = (g_part, c_part) if gram is None else (gram + g_part, cross + c_part)
+    finally:
+        hook.remove()
+    scale = gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)  # per group
+    eye = torch.eye(gram.shape[1], dtype=gram.dtype, device=gram.device)
+    solution = torch.linalg.solve(gram + ridge * scale[:, None, None] * eye, cross)
+    _set_solution(module, solution.to(module.weight.dtype))
+
+
+def _least_squares_finest(block: MGICBlock, data: _BlockData, layers: Sequence[tuple[nn.Module, str]],
+                          batch_size: int, ridge: float = 1e-4) -> None:
+    """Every conv/linear layer of the finest level, in order, fitted in closed form to the original's layer.
+
+    He et al. 2017's channel reconstruction, per group: the grouped layer that best
+    maps the inputs it really receives (earlier layers already solved) to the
+    original layer's outputs on the same samples. Each group is an independent
+    ridge-regularised least-squares problem over ``(in / G) * kernel`` features.
+    """
+    for module, node in layers:
+        _solve_layer(block, module, data.inner[node], data, batch_size, ridge)
+
+
+# ----------------------------------------------------------------------------- fitting one block
+
+
+def _fit_adam(block: nn.Module, data: _BlockData, *, steps: int, lr: float, batch_size: int,
+              generator: torch.Generator) -> int:
+    """Adam on ``||block(x) - y||^2 / mean ||y||^2`` over random mini-batches, cosine-decayed lr; returns steps taken."""
+    params = [p for p in block.parameters() if p.requires_grad]
+    if steps <= 0 or not params:
+        return 0
+    scale = data.y.double().pow(2).mean().item() or 1.0
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
+    n = len(data)
+    with torch.enable_grad():
+        for _ in range(steps):
+            idx = torch.randint(0, n, (min(batch_size, n),), generator=generator, device="cpu")
+            idx = idx.to(data.x.device)
+            loss = (block(data.x[idx]) - data.y[idx]).pow(2).mean() / scale
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    for p in params:
+        p.grad = None
+    return steps
+
+
+def _fit_block(block: MGICBlock, data: _BlockData, *, steps: int, lr: float, batch_size: int,
+               generator: torch.Generator, layers: Sequence[tuple[nn.Module, str]] = ()) -> int:
+    """Least squares for ``layers``, statistics, Adam in eval mode, statistics refit; returns Adam steps."""
+    checkpointed = getattr(block, "checkpoint", False)
+    block.checkpoint = False  # the fit's backward needs no recomputation: one block, one mini-batch
+    try:
+        _least_squares_finest(block, data, layers, batch_size)
+        # the solved layers were fitted through the finest level's norms as they are: keep those
+        _estimate_statistics(block, data, batch_size, keep=_running_norms(block.levels[0]) if layers else ())
+        taken = _fit_adam(block, data, steps=steps, lr=lr, batch_size=batch_size, generator=generator)
+        refit_statistics(block, data, batch_size)
+    finally:
+        block.checkpoint = checkpointed
+    return taken
+
+
+# ----------------------------------------------------------------------------- the pass
+
+
+def _plan_and_inputs(gm: Any) -> tuple[MGICPlan, tuple[torch.Tensor, ...]]:
+    """The plan :func:`mgic_transform.mgicify` stored on ``gm`` and the example inputs it ran at."""
+    plan = plan_of(gm) if isinstance(gm, torch.fx.GraphModule) else None
+    example = tuple(plan.example_inputs) if plan is not None else ()
+    if not example and plan is not None:
+        example = tuple((getattr(gm, "meta", None) or {}).get("mgic_example_inputs", ()))
+    if plan is None or not example:
+        raise InputError(f"calibrate expects the GraphModule that mgicify returned (with its plan), got "
+                         f"{type(gm).__name__}. Hint: gm = mt.mgicify(model, x, init=\"inherit\"); "
+                         f"mt.calibrate(gm, model, data), or mt.mgicify(model, x, init=\"calibrate\", calibration=data).")
+    return plan, example
+
+
+def _check_options(steps: Any, lr: Any, batch_size: Any, max_samples: Any, seed: Any) -> None:
+    checks = (("steps", steps, 0, DEFAULT_STEPS), ("batch_size", batch_size, 1, DEFAULT_BATCH_SIZE),
+              ("max_samples", max_samples, 1, 1024), ("seed", seed, 0, 0))
+    for name, value, least, example in checks:
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise InputError(f"{name} must be an integer >= {least}, got {value!r}. Hint: e.g. {name}={example}.")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
+        raise InputError(f"lr must be a positive number, got {lr!r}. Hint: lr={DEFAULT_LR}.")
+
+
+def _reporter(progress: Progress) -> Optional[Callable[[str], None]]:
+    if callable(progress):
+        return progress
+    if progress is None:
+        progress = sys.stderr.isatty()
+    return (lambda line: print(line, file=sys.stderr, flush=True)) if progress else None
+
+
+def _in_graph_order(gm: torch.fx.GraphModule, plan: MGICPlan) -> list[BlockDecision]:
+    order = {str(n.target): i for i, n in enumerate(gm.graph.nodes) if n.op == "call_module"}
+    blocks = [d for d in plan.rewritten if d.module is not None]
+    missing = [d.module for d in blocks if d.module not in order]
+    if missing:
+        raise MGICError(f"the plan names MGIC block(s) {missing} that the graph does not call. Hint: calibrate the "
+                        f"GraphModule mgicify returned, before editing its graph.")
+    return sorted(blocks, key=lambda d: order[d.module])
+
+
+def _store_plan(gm: torch.fx.GraphModule, plan: MGICPlan, fits: dict[str, BlockFit]) -> None:
+    """The plan with every fitted block's :class:`BlockFit`, stored where :func:`plan_of` finds it."""
+    blocks = tuple(dataclasses.replace(d, fit=fits[d.module]) if d.module in fits else d for d in plan.blocks)
+    plan = dataclasses.replace(plan, blocks=blocks)
+    attach_plan(gm, plan)
+    legacy = getattr(gm, "_mgic_meta", None)  # a model saved by version 0.1 keeps its plan there too
+    if isinstance(legacy, dict) and "mgic" in legacy:
+        legacy["mgic"] = plan
+
+
+def calibrate(gm: torch.fx.GraphModule, original: nn.Module, data: Any, *, steps: int = DEFAULT_STEPS,
+              lr: float = DEFAULT_LR, batch_size: int = DEFAULT_BATCH_SIZE, max_samples: int = 1024, seed: int = 0,
+              least_squares: bool = True, progress: Progress = None) -> torch.fx.GraphModule:
+    """Fit every MGIC block of ``gm`` to the activations of ``original`` on calibration inputs (in place).
+
+    Block by block in graph order, each block's input is the transformed
+    network's own activation (earlier blocks already fitted) and its target is
+    the trained network's activation at the exit of the block it replaced; see
+    the module docstring for the method and its measured choices.
+
+    Args:
+        gm: the GraphModule :func:`mgic_transform.mgicify` returned for ``original``
+            (normally with ``init="inherit"``, the Galerkin start; ``"scratch"`` works too).
+            Modified in place and returned; its modules' ``training`` flags are restored.
+        original: the trained model ``gm`` was made from. Never modified.
+        data: calibration inputs (no labels are used): a tensor of samples, or an
+            iterable of batches, each a tensor or a tuple/list whose first items are the
+            model's inputs (a DataLoader's ``(input, target)``). At most ``max_samples``
+            samples are read, once.
+        steps: Adam steps per block (0: only the BatchNorm statistics are refitted).
+        lr: peak learning rate of each block's Adam fit (cosine-decayed).
+        batch_size: samples per forward while caching activations and per Adam step.
+        max_samples: calibration samples used; one block's inputs and targets for
+            this many samples are held in memory at a time.
+        seed: fixes the mini-batch draws: the same seed gives the same weights.
+            The global RNG state is left as it was.
+        progress: one line per block on stderr (path, k/K, error before -> after,
+            seconds); ``None`` (default): when stderr is a terminal; a callable
+            receives the lines instead.
+
+    Returns:
+        ``gm``, whose plan (:func:`mgic_transform.plan_of`, stored with ``plan.attach_plan``) records
+        per rewritten block a :class:`~mgic_transform.plan.BlockFit`.
+
+    Raises:
+        InputError: unusable data or options, or an ``original`` that does not trace to
+            the graph ``mgicify`` saw.
+    """
+    plan, example = _plan_and_inputs(gm)
+    if not isinstance(original, nn.Module):
+        raise InputError(f"original must be the nn.Module mgicify transformed, got {type(original).__name__}. "
+                         f"Hint: mt.calibrate(gm, model, data).")
+    _check_options(steps, lr, batch_size, max_samples, seed)
+    report = _reporter(progress)
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    devices = [device.index or 0] if device.type == "cuda" else []
+    flags = {m: m.training for m in gm.modules()}
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        calib = CalibrationData.read(data, len(example), example, max_samples, device)
+        blocks = _in_graph_order(gm, plan)
+        if not blocks:
+            return gm
+        traced = _private_original(original, plan)
+        gm.eval()
+        try:
+            fits = _calibrate_blocks(gm, traced, blocks, calib, steps=steps, lr=lr, batch_size=batch_size,
+                                     seed=seed, least_squares=least_squares, report=report)
+        finally:
+            for m, flag in flags.items():
+                m.training = flag
+    _store_plan(gm, plan, fits)
+    return gm
+
+
+def _calibrate_blocks(gm: torch.fx.GraphModule, traced: torch.fx.GraphModule, blocks: Sequence[BlockDecision],
+                      calib: CalibrationData, *, steps: int, lr: float, batch_size: int, seed: int,
+                      least_squares: bool, report: Optional[Callable[[str], None]]) -> dict[str, BlockFit]:
+    generator = torch.Generator().manual_seed(seed)
+    fits: dict[str, BlockFit] = {}
+    for k, d in enumerate(blocks, 1):
+        t0 = time.perf_counter()
+        block = gm.get_submodule(d.module)
+        layers = _finest_layers(block, d, traced) if least_squares else []
+        data = _cache_block(gm, traced, d, calib, batch_size, inner=[node for _, node in layers])
+        before = _relative_error(block, data, batch_size)
+        taken = _fit_block(block, data, steps=steps, lr=lr, batch_size=batch_size, generator=generator, layers=layers)
+        after = _relative_error(block, data, batch_size)
+        seconds = time.perf_counter() - t0
+        fits[d.module] = BlockFit(before, after, taken, len(data), seconds)
+        del data
+        if report is not None:
+            report(f"calibrate {d.module} [{k}/{len(blocks)}]: error {before:.3f} -> {after:.3f} "
+                   f"({taken} steps, {fits[d.module].samples} samples, {seconds:.1f} s)")
+    return fits
