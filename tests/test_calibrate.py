@@ -136,7 +136,7 @@ def calibrated(model, dims=1, init="inherit", **kw):
     gm = transform(model, tuple(t[:2] for t in xs), init)
     gm.meta["uncalibrated"] = copy.deepcopy(gm)
     before = block_errors(model, gm, xs)
-    kw = {"steps": 60, "batch_size": 32, "progress": False, **kw}
+    kw = {"steps": 40, "batch_size": 32, "progress": False, **kw}
     data = xs[0] if len(xs) == 1 else [xs]
     mt.calibrate(gm, model, data, **kw)
     return before, gm, xs, held
@@ -157,7 +157,7 @@ def test_calibration_lowers_every_blocks_error_against_the_original(dims):
     started = block_errors(model, gm, xs, blocks=before_gm(gm))  # the starting weights, on the fitted inputs
     assert started[plan.rewritten[0].path] == pytest.approx(before[plan.rewritten[0].path], rel=1e-5)
     for d in plan.rewritten:
-        assert isinstance(d.fit, BlockFit) and d.fit.samples == 96 and d.fit.steps == 60 and d.fit.seconds > 0
+        assert isinstance(d.fit, BlockFit) and d.fit.samples == 96 and d.fit.steps == 40 and d.fit.seconds > 0
         assert d.fit.error_before == pytest.approx(started[d.path], rel=1e-3)
         assert d.fit.error_after == pytest.approx(measured[d.path], rel=1e-3)
     assert plan.to_dict()["blocks"][0]["fit"]["error_after"] == plan.rewritten[0].fit.error_after
@@ -184,7 +184,7 @@ def test_least_squares_recovers_a_finest_level_that_can_hold_the_trained_block_e
     model = trained(model)
     xs = inputs(model, 96, seed=1)
     errors = {}
-    for least_squares, steps in ((True, 0), (False, 60)):
+    for least_squares, steps in ((True, 0), (False, 40)):
         gm = transform(model, (xs[0][:2],))
         assert max(block_errors(model, gm, xs).values()) < 1e-5  # inheritance alone is exact here
         with torch.no_grad():
@@ -258,7 +258,7 @@ def test_deterministic_under_seed_and_the_global_rng_is_left_alone():
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
         gm = transform(model, (x[:2],))
         rng = torch.get_rng_state()
-        mt.calibrate(gm, model, x, steps=20, batch_size=16, seed=seed, progress=False)
+        mt.calibrate(gm, model, x, steps=8, batch_size=16, seed=seed, progress=False)
         assert torch.equal(torch.get_rng_state(), rng)
         runs[name] = gm.state_dict()
     assert all(torch.equal(v, runs["b"][k]) for k, v in runs["a"].items())

@@ -505,7 +505,7 @@ def _fit_adam(block: nn.Module, data: _BlockData, *, steps: int, lr: float, batc
     if steps <= 0 or not params:
         return 0
     scale = data.y.double().pow(2).mean().item() or 1.0
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam(params, lr=lr, foreach=True)  # one kernel per op for all tensors: fewer, larger ops
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
     n = len(data)
     with torch.enable_grad():
