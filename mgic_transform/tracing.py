@@ -417,27 +417,41 @@ def trace(
     no module to keep whole, and :class:`TraceError` says what to move into a
     submodule. The state is restored between traces.
     """
-    leaf_modules = tuple(leaf_modules)
-    auto: list[str] = []
-    reasons: dict[str, str] = {}
+    tracer, graph, auto = _trace_keeping_state(model, tuple(leaf_modules), concrete_args)
+    if auto:
+        warnings.warn(
+            "kept whole (not traced, not rewritten) because torch.fx cannot record what their forward does: "
+            + "; ".join(f"{p!r} {why}" for p, why in auto)
+            + ". Hint: pass leaf_modules=[...] to say so, or change the forward", UserWarning, stacklevel=3)
+    if concrete_args:
+        _default_fixed_arguments(graph, concrete_args)
+    name = type(model).__name__
+    gm = torch.fx.GraphModule(tracer.root, graph, name)
+    gm.meta["reads_training"] = tuple(tracer.reads_training)
+    gm.meta["state_leaves"] = tuple(auto)
+    return gm
+
+
+def _trace_keeping_state(model: nn.Module, leaf_modules: tuple, concrete_args: Optional[dict[str, Any]]
+                         ) -> tuple[LeafTracer, torch.fx.Graph, list[tuple[str, str]]]:
+    """Trace; a module whose forward changed state the graph cannot hold becomes a leaf, and the trace repeats.
+
+    Returns the tracer, the graph and ``(module path, what it did)`` for every module made a leaf.
+    """
+    auto: dict[str, str] = {}
     while True:
         snapshot = _StateSnapshot(model)
         tracer, graph = _trace_once(model, (*leaf_modules, *auto), concrete_args)
         changes = list(dict.fromkeys([*snapshot.changes(graph), *tracer.state_changes]))
         if not changes:
-            break
+            return tracer, graph, list(auto.items())
         snapshot.restore()
-        earlier = set(auto)
         named = dict(model.named_modules(remove_duplicate=False))
-
-        def traced_through(path: str) -> bool:
-            """Did this trace run the module's own forward (not a leaf, neither by rule nor from an earlier round)?"""
-            module = named.get(path)
-            return path not in earlier and (module is None or not tracer.is_leaf_module(module, path))
-
+        earlier = set(auto)
         for change in changes:
             path = change.path
-            while path and not traced_through(path):  # a leaf's own forward did not run: the writer is further out
+            # a leaf's own forward did not run: the writer is further out
+            while path and (path in earlier or (path in named and tracer.is_leaf_module(named[path], path))):
                 path = path.rpartition(".")[0]
             if not path:
                 raise TraceError(
@@ -445,28 +459,19 @@ def trace(
                     f"{f' (of module {change.path!r})' if change.path else ''}; the rewritten model could not keep "
                     f"that (torch.fx does not record grad-mode changes or attribute assignments, and a rewritten "
                     f"layer's weights are new tensors), so it would silently skip it. Hint: move that code into a "
-                    f"submodule and pass it as leaf_modules=[...], or transform the part of the model without it."
-                )
-            if path not in auto:
-                auto.append(path)
-                reasons[path] = change.what
-    if auto:
-        warnings.warn(
-            "kept whole (not traced, not rewritten) because torch.fx cannot record what their forward does: "
-            + "; ".join(f"{p!r} {reasons[p]}" for p in auto)
-            + ". Hint: pass leaf_modules=[...] to say so, or change the forward", UserWarning, stacklevel=3)
-    if concrete_args:
-        # Calling the result without the fixed arguments must use the values it was specialised to.
-        # fx may rename the placeholder (``flag`` -> ``flag_1``) and guards it with an _assert.
-        for node in graph.nodes:
-            if node.op != "placeholder":
-                continue
-            name = next((k for k in concrete_args if re.fullmatch(rf"{re.escape(k)}(_\d+)?", str(node.target))), None)
-            value = concrete_args.get(name) if name else None
-            if name and not isinstance(value, (torch.Tensor, torch.fx.Node)):
-                node.args = (value,)
-    name = type(model).__name__
-    gm = torch.fx.GraphModule(tracer.root, graph, name)
-    gm.meta["reads_training"] = tuple(tracer.reads_training)
-    gm.meta["state_leaves"] = tuple((p, reasons[p]) for p in auto)
-    return gm
+                    f"submodule and pass it as leaf_modules=[...], or transform the part of the model without it.")
+            auto.setdefault(path, change.what)
+
+
+def _default_fixed_arguments(graph: torch.fx.Graph, concrete_args: dict[str, Any]) -> None:
+    """Calling the result without the fixed arguments must use the values it was specialised to.
+
+    fx may rename the placeholder (``flag`` -> ``flag_1``) and guards it with an ``_assert``.
+    """
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            continue
+        name = next((k for k in concrete_args if re.fullmatch(rf"{re.escape(k)}(_\d+)?", str(node.target))), None)
+        value = concrete_args.get(name) if name else None
+        if name and not isinstance(value, (torch.Tensor, torch.fx.Node)):
+            node.args = (value,)

@@ -60,6 +60,30 @@ class Region:
         return self.nodes[-1]
 
 
+@dataclass
+class _Dataflow:
+    """One run of the block search: the dataflow graph and what every step reads off it.
+
+    Attributes:
+        g: the nodes that carry data from an input to the output (:func:`_dataflow_graph`).
+        output: the graph's output node.
+        order: every node's position in the graph (regions keep graph order).
+        modules: the model's modules by path.
+        transitions: whether width-changing blocks are candidates.
+    """
+
+    g: nx.DiGraph
+    output: torch.fx.Node
+    order: dict[torch.fx.Node, int]
+    modules: dict[str, nn.Module]
+    transitions: bool
+
+    @classmethod
+    def of(cls, gm: torch.fx.GraphModule, transitions: bool) -> "_Dataflow":
+        g, output = _dataflow_graph(gm.graph)
+        return cls(g, output, {n: i for i, n in enumerate(gm.graph.nodes)}, dict(gm.named_modules()), transitions)
+
+
 def _dataflow_graph(graph: torch.fx.Graph) -> tuple[nx.DiGraph, torch.fx.Node]:
     """Dataflow DiGraph over the nodes that carry data from an input to the output.
 
@@ -92,12 +116,12 @@ def _dataflow_graph(graph: torch.fx.Graph) -> tuple[nx.DiGraph, torch.fx.Node]:
     return g, output
 
 
-def _attach_side_nodes(region: "Region", g: nx.DiGraph, order: dict) -> None:
+def _attach_side_nodes(region: "Region", flow: _Dataflow) -> None:
     """Add the side-effect-only nodes (asserts on shapes) that read only from inside the region.
 
     A check on the exit tensor belongs to whatever consumes it, not to the block.
     """
-    inside = set(region.nodes)
+    g, inside = flow.g, set(region.nodes)
     frontier = list(region.nodes[:-1])
     while frontier:
         for user in frontier.pop().users:
@@ -111,7 +135,7 @@ def _attach_side_nodes(region: "Region", g: nx.DiGraph, order: dict) -> None:
     extra = inside.difference(region.nodes)
     if extra:
         exit = region.exit
-        region.nodes = sorted(inside.difference({exit}), key=order.__getitem__) + [exit]
+        region.nodes = sorted(inside.difference({exit}), key=flow.order.__getitem__) + [exit]
 
 
 def _reads_outside(node: torch.fx.Node, inside: set, entry: torch.fx.Node, g: nx.DiGraph) -> bool:
@@ -166,9 +190,9 @@ def _is_full_merge(exit: torch.fx.Node, inside: set, entry: torch.fx.Node) -> bo
     return True
 
 
-def _region_between(g: nx.DiGraph, entry, exit, order: dict) -> list[torch.fx.Node]:
+def _region_between(flow: _Dataflow, entry: torch.fx.Node, exit: torch.fx.Node) -> list[torch.fx.Node]:
     """Nodes reachable from ``entry`` without passing ``exit``, plus ``exit``, in graph order."""
-    seen = {exit}
+    g, seen = flow.g, {exit}
     stack = [s for s in g.successors(entry) if s is not exit]
     seen.update(stack)
     while stack:
@@ -177,7 +201,7 @@ def _region_between(g: nx.DiGraph, entry, exit, order: dict) -> list[torch.fx.No
             if s not in seen:
                 seen.add(s)
                 stack.append(s)
-    return sorted(seen, key=order.__getitem__)
+    return sorted(seen, key=flow.order.__getitem__)
 
 
 def _has_mixing_layer(nodes: Iterable[torch.fx.Node], modules: dict[str, nn.Module]) -> bool:
@@ -213,24 +237,25 @@ def _kind(a, b) -> Optional[str]:
     return "transition" if a[0] == b[0] else None
 
 
-def _extend_tail(nodes: list[torch.fx.Node], g: nx.DiGraph, output: torch.fx.Node, modules, taken=frozenset()) -> None:
+def _extend_tail(nodes: list[torch.fx.Node], flow: _Dataflow, taken: frozenset = frozenset()) -> None:
     """Append the single-user chain of shape-preserving, non-mixing ops after ``nodes[-1]`` (norm, activation)."""
     while True:
         cur = nodes[-1]
-        users = list(g.successors(cur))
+        users = list(flow.g.successors(cur))
         if len(users) != 1:
             return
         nxt = users[0]
-        if nxt is output or nxt in taken or [a for a in nxt.all_input_nodes if a in g] != [cur]:
+        if nxt is flow.output or nxt in taken or [a for a in nxt.all_input_nodes if a in flow.g] != [cur]:
             return
         if not same_shape(nxt, cur):  # at the doubled size too: not a pool that met a 1x1 map
             return
-        if nxt.op == "call_module" and not may_follow_as_tail(modules[nxt.target]):
+        if nxt.op == "call_module" and not may_follow_as_tail(flow.modules[nxt.target]):
             return
         nodes.append(nxt)
 
 
-def _fork_join_units(g, output, order, modules, transitions) -> list[Region]:
+def _fork_join_units(flow: _Dataflow) -> list[Region]:
+    g, output = flow.g, flow.output
     idom = nx.immediate_dominators(g, _SOURCE)
     ipdom = nx.immediate_dominators(g.reverse(copy=False), output)
     pre, post = _tree_intervals(idom, _SOURCE)
@@ -245,7 +270,7 @@ def _fork_join_units(g, output, order, modules, transitions) -> list[Region]:
         join = ipdom.get(fork)
         if join is None or join is output or not dominates(fork, join):
             continue
-        nodes = _region_between(g, fork, join, order)
+        nodes = _region_between(flow, fork, join)
         entry = fork
         if shape_of(fork) is None:  # a tuple-valued fork (chunk/split): the block starts at its input
             inputs = [a for a in fork.all_input_nodes if a in g]
@@ -254,13 +279,13 @@ def _fork_join_units(g, output, order, modules, transitions) -> list[Region]:
             entry = inputs[0]
             nodes = [fork] + nodes
         kind = _classify(entry, join)
-        if kind is None or not _is_full_merge(join, set(nodes), entry) or not _has_mixing_layer(nodes, modules):
+        if kind is None or not _is_full_merge(join, set(nodes), entry) or not _has_mixing_layer(nodes, flow.modules):
             continue
-        _extend_tail(nodes, g, output, modules)
+        _extend_tail(nodes, flow)
         if _classify(entry, nodes[-1]) != kind:
             continue
         units.append(Region(entry, nodes, "residual" if kind == "equal" else "transition"))
-    return _outermost_units(units, transitions)
+    return _outermost_units(units, flow.transitions)
 
 
 def _outermost_units(units: list[Region], transitions: bool) -> list[Region]:
@@ -303,19 +328,19 @@ def _outermost_units(units: list[Region], transitions: bool) -> list[Region]:
     return choose(children.get(None, []))
 
 
-def _layer_blocks(g, output, order, modules, taken: set, transitions: bool) -> list[Region]:
+def _layer_blocks(flow: _Dataflow, taken: set) -> list[Region]:
     """One channel-mixing layer plus its single-user tail of shape-preserving, non-mixing ops."""
-    blocks = []
-    for node in sorted((n for n in g.nodes if n is not _SOURCE), key=order.__getitem__):
-        if node in taken or node.op != "call_module" or not is_channel_mixing(modules[node.target]):
+    blocks, g = [], flow.g
+    for node in sorted((n for n in g.nodes if n is not _SOURCE), key=flow.order.__getitem__):
+        if node in taken or node.op != "call_module" or not is_channel_mixing(flow.modules[node.target]):
             continue
         entry = node.args[0] if node.args else None
         if not isinstance(entry, torch.fx.Node) or entry not in g or len([a for a in node.all_input_nodes if a in g]) != 1:
             continue
         nodes = [node]
-        _extend_tail(nodes, g, output, modules, taken)
+        _extend_tail(nodes, flow, taken)
         kind = _classify(entry, nodes[-1])
-        if kind is None or (kind == "transition" and not transitions):
+        if kind is None or (kind == "transition" and not flow.transitions):
             continue
         blocks.append(Region(entry, nodes, "layer" if kind == "equal" else "transition"))
         taken.update(nodes)
@@ -324,30 +349,28 @@ def _layer_blocks(g, output, order, modules, taken: set, transitions: bool) -> l
 
 def find_blocks(gm: torch.fx.GraphModule, *, transitions: bool = False) -> list[Region]:
     """All candidate blocks of ``gm`` (shapes must be propagated), in graph order, non-overlapping."""
-    g, output = _dataflow_graph(gm.graph)
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    modules = dict(gm.named_modules())
-    units = _fork_join_units(g, output, order, modules, transitions)
+    flow = _Dataflow.of(gm, transitions)
+    units = _fork_join_units(flow)
     taken = {n for r in units if r.kind != "transition" or transitions for n in r.nodes}
-    layers = _layer_blocks(g, output, order, modules, taken, transitions)
-    regions = sorted(units + layers, key=lambda r: order[r.exit])
+    layers = _layer_blocks(flow, taken)
+    regions = sorted(units + layers, key=lambda r: flow.order[r.exit])
     if transitions:  # the layers inside a transition unit, for when it is declined
         for unit in (r for r in units if r.kind == "transition"):
-            _add_inner_layers(unit, g, output, order, modules, transitions)
+            _add_inner_layers(unit, flow)
     stack = list(regions)
     while stack:
         region = stack.pop()
-        _attach_side_nodes(region, g, order)
+        _attach_side_nodes(region, flow)
         stack.extend(region.inner)
     return regions
 
 
-def _add_inner_layers(unit: Region, g, output, order, modules, transitions: bool) -> None:
+def _add_inner_layers(unit: Region, flow: _Dataflow) -> None:
     """Complete ``unit.inner`` (its inner units) with the layer blocks between them, in graph order."""
     for inner in unit.inner:
         if inner.kind == "transition":
-            _add_inner_layers(inner, g, output, order, modules, transitions)
+            _add_inner_layers(inner, flow)
     inside = set(unit.nodes)
-    taken = {n for n in g.nodes if n not in inside} | {n for r in unit.inner for n in r.nodes} | {unit.exit}
-    layers = _layer_blocks(g, output, order, modules, taken, transitions)
-    unit.inner = sorted(unit.inner + layers, key=lambda r: order[r.exit])
+    taken = {n for n in flow.g.nodes if n not in inside} | {n for r in unit.inner for n in r.nodes} | {unit.exit}
+    layers = _layer_blocks(flow, taken)
+    unit.inner = sorted(unit.inner + layers, key=lambda r: flow.order[r.exit])
