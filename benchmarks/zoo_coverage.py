@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import re
 import signal
 import sys
 import time
@@ -40,7 +39,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import code_version, count_params, emit, fake_forward, fake_module_call, fmt_ratio, load_line, machine_line, out_shapes  # noqa: E402
+from _common import count_params, emit, fake_forward, fake_module_call, fmt_ratio, load_line, machine_line, out_shapes, preamble  # noqa: E402
 
 import mgic_transform as mt  # noqa: E402
 from mgic_transform.passes.shapes import run_fake  # noqa: E402
@@ -81,7 +80,8 @@ class Row:
     transform_s: Optional[float] = None
     check_s: Optional[float] = None
     status: str = "ok"
-    skip_reasons: Counter = field(default_factory=Counter)
+    skip_reasons: Counter = field(default_factory=Counter)  # Decline code -> blocks
+    examples: dict = field(default_factory=dict)  # Decline code -> one reason, as the report words it
 
 
 class _Timeout(Exception):
@@ -95,12 +95,6 @@ def _alarm(signum, frame):  # noqa: ARG001
 def first_line(exc: BaseException) -> str:
     msg = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {msg[0] if msg else ''}".strip()
-
-
-def normalise_reason(reason: str) -> str:
-    """Skip reasons with the numbers and quoted names taken out, so they can be counted across models."""
-    reason = re.sub(r"'[^']*'", "'…'", reason)
-    return re.sub(r"\d+", "N", reason)
 
 
 def torchvision_builder(name: str) -> tuple[Callable[[], nn.Module], tuple[int, ...]]:
@@ -146,9 +140,11 @@ def run_one(name: str, builder, shape: tuple[int, ...], args: argparse.Namespace
                              transitions=args.transitions, rule="compact")
         row.compact_params_ratio = count_params(compact) / count_params(model)
         del compact
-        plan = gm.meta["mgic"]
+        plan = mt.plan_of(gm)
         row.rewritten, row.candidates = len(plan.rewritten), len(plan.blocks)
-        row.skip_reasons = Counter(normalise_reason(b.reason or "?") for b in plan.skipped)
+        row.skip_reasons = Counter(b.decline.value for b in plan.skipped)  # the typed code, never the text
+        for b in plan.skipped:
+            row.examples.setdefault(b.decline.value, b.reason or "")
 
         step = "check"
         t0 = time.perf_counter()
@@ -177,7 +173,7 @@ def run_one(name: str, builder, shape: tuple[int, ...], args: argparse.Namespace
             traceback.print_exc()
     finally:
         signal.alarm(0)
-        del model, gm
+        model = gm = None  # noqa: F841 - release them before the next model
         gc.collect()
     return row
 
@@ -193,14 +189,10 @@ def _cell(s: str) -> str:
 def to_markdown(rows: list[Row], args: argparse.Namespace, zoo: str, started: str, wall: float) -> str:
     ok = [r for r in rows if r.status == "ok"]
     touched = [r for r in ok if r.rewritten]
-    out = [
-        f"# mgicify zoo coverage: {zoo}",
-        "",
+    out = preamble(f"mgicify zoo coverage: {zoo}", started) + [
         f"- options: group_size={args.group_size}, coarsest_width={args.coarsest_width or args.group_size}, "
         f"transitions={args.transitions}; rule=\"paper\" (the default) in every column but *compact params ratio*",
-        f"- machine: {machine_line()}",
-        f"- code: {code_version()}",
-        f"- load when started: {started}; when finished: {load_line()}; sweep wall time {wall:.0f} s",
+        f"- sweep wall time {wall:.0f} s",
         "- FLOPs: " + ("fvcore via `mgic_transform.compare` (1 multiply-add = 1 FLOP, real forward)"
                         if args.flops == "fvcore" else
                         "`torch.utils.flop_counter` on fake tensors, conv/linear/matmul/attention multiply-adds only"),
@@ -218,23 +210,32 @@ def to_markdown(rows: list[Row], args: argparse.Namespace, zoo: str, started: st
         out.append(f"| {r.model} | {r.input} | {_f(r.params_m, '.1f')} | {blocks} | {fmt_ratio(r.params_ratio)} | "
                    f"{fmt_ratio(r.flops_ratio)} | {fmt_ratio(r.compact_params_ratio)} | {_f(r.transform_s, '.2f')} | {_f(r.check_s, '.2f')} | "
                    f"{_cell(r.status)} |")
-    reasons: Counter = Counter()
-    models_per_reason: dict[str, list[str]] = {}
-    for r in rows:
-        for reason, n in r.skip_reasons.items():
-            reasons[reason] += n
-            models_per_reason.setdefault(reason, []).append(r.model)
-    if reasons:
-        out += ["", "## Why candidate blocks were left alone (numbers replaced by N)", "",
-                "| blocks | models | reason |", "|--:|--:|---|"]
-        for reason, n in reasons.most_common():
-            ms = models_per_reason[reason]
-            shown = ", ".join(ms[:6]) + (f", … (+{len(ms) - 6})" if len(ms) > 6 else "")
-            out.append(f"| {n} | {len(ms)}: {shown} | {_cell(reason)} |")
+    out += _declines(rows)
     fails = [r for r in rows if r.status != "ok"]
     if fails:
         out += ["", "## Failures", ""] + [f"- **{r.model}**: {r.status}" for r in fails]
     return "\n".join(out) + "\n"
+
+
+def _declines(rows: list[Row]) -> list[str]:
+    """Blocks left alone, counted by their ``Decline`` code (``mgic_transform.plan.Decline``), with one example."""
+    codes: Counter = Counter()
+    models: dict[str, list[str]] = {}
+    example: dict[str, str] = {}
+    for r in rows:
+        for code, n in r.skip_reasons.items():
+            codes[code] += n
+            models.setdefault(code, []).append(r.model)
+            example.setdefault(code, f"{r.model}: {r.examples.get(code, '')}")
+    if not codes:
+        return []
+    out = ["", "## Why candidate blocks were left alone", "",
+           "| blocks | models | code | one example |", "|--:|--:|---|---|"]
+    for code, n in codes.most_common():
+        ms = models[code]
+        shown = ", ".join(ms[:6]) + (f", … (+{len(ms) - 6})" if len(ms) > 6 else "")
+        out.append(f"| {n} | {len(ms)}: {shown} | `{code}` | {_cell(example[code])} |")
+    return out
 
 
 def main(argv: Optional[list[str]] = None) -> int:
