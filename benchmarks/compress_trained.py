@@ -1,44 +1,51 @@
-"""Compress a *trained* network: does ``mgicify(trained, x, init="inherit")`` recover faster than scratch?
+"""Compress a *trained* network: calibration (``mt.calibrate``) against inheritance, scratch and Torch-Pruning.
 
-What it measures (issue 12)
-    Two offline tasks, each with its own trained original (one per seed):
+What it measures (issues 12 and 19)
+    Two offline tasks, each with its own trained original (one per seed; 12 epochs of the shared recipe):
 
     * **MNIST-1D** (``mnist1d.data.make_dataset(get_dataset_args())``, generated locally, nothing
-      downloaded): a 1D ResNet (stem + 3 residual blocks of width 64, Conv1d/BN/ReLU),
-      ``mgicify(group_size=8, coarsest_width=16)``.
-    * **scikit-learn digits** (8x8 upsampled to 16x16): the CIFAR ResNet-14 of ``examples/models.py`` (1x1-conv shortcuts, which Torch-Pruning can prune)
-      (widths 16/32/64), ``mgicify(group_size=8, coarsest_width=16)``.
+      downloaded; 3,000 train / 1,000 validation from its train split / its 1,000 test sequences):
+      a 1D ResNet (stem + 3 residual blocks of width 64, Conv1d/BN/ReLU);
+    * **scikit-learn digits** (8x8 upsampled to 16x16; 1,077 train / 270 validation / 450 test):
+      the CIFAR ResNet-14 of ``examples/models.py`` with 1x1-conv shortcuts (which Torch-Pruning can prune).
 
-    1. *The start, before any training* (validation split): per rewritten block, the relative
-       output error ``||MGIC(x) - block(x)|| / ||block(x)||`` on the block's real inputs (eval
-       mode), and the whole network's accuracy right after the transform, for several
-       ``N_j`` scales (the weight of the correction BatchNorm).
-    2. *Choosing the N_j scale* (validation split only): ``init="inherit"`` + 3 epochs of
-       fine-tuning at scale 0 and 1; the better mean validation accuracy sets the scale that
-       arms B and C use.
-    3. *Recovery*, at the MGIC network's parameter budget, 1 / 3 / 10 epochs (each a complete
-       run with its own schedule), 3 seeds, test split:
+    Each original is compressed to about 0.3x and 0.5x of its parameters with
+    ``mt.mgicify(trained, x, target_params=r, rule="compact")`` (the budget search picks per-block
+    sizes; the achieved ratio is in the tables; ``rule="paper"`` lands at 0.27 for MNIST-1D's 0.3),
+    and every arm is scored on the held-out test split at 0, 1 and 3 epochs of fine-tuning
+    (each budget its own complete run, one-cycle schedule), 3 seeds:
 
-       - **A** MGIC from scratch (``init="scratch"``), trained;
-       - **B** ``init="inherit"`` from the trained original, fine-tuned;
-       - **C** B with knowledge distillation from the original (``0.5 CE + 0.5 T^2 KL``, ``T = 4``);
-       - **D** Torch-Pruning 1.6 (``MagnitudePruner``, L2, uniform ratio found by bisection to the
-         MGIC parameter count, the classifier kept) of the trained original, fine-tuned.
+    - **A** MGIC from scratch (``init="scratch"`` on a fresh model), trained;
+    - **B** MGIC ``init="inherit"`` (Galerkin products of the trained weights), fine-tuned;
+    - **C** MGIC calibrated: B, then ``mt.calibrate(gm, trained, x_cal)`` on at most 1,024 training
+      inputs (no labels), at 0 epochs; **C+** C, then fine-tuned;
+    - **D** Torch-Pruning 1.6 of the trained original (``MagnitudePruner``, L2, one uniform ratio
+      bisected to the MGIC parameter count, the classifier kept), fine-tuned;
+    - **E** D's pruned network fine-tuned on the same calibration inputs *with their labels* for as
+      many optimizer steps as C took in total (the one-shot peer with C's budget), at 0 epochs;
+      **E+** E, then fine-tuned.
 
-    The hierarchy is ``rule="compact"``: the committed results were measured before ``rule="paper"``
-    existed (commit a887207), when this was the only rule; these equal-width blocks get 3 levels
-    under it (4 under the paper rule, with a different parameter count).
+    Fine-tuning learning rate: every arm's peak learning rate is chosen per task and budget from
+    ``--ft-lrs`` by mean *validation* accuracy over the seeds at 1 epoch, and used at 1 and 3 epochs
+    (E's calibration-budget step likewise, at 0 epochs). Test accuracy is only reported.
 
-    Every run uses the same recipe (AdamW, one-cycle learning rate peaking at ``--lr``,
-    weight decay 1e-4, batch 64); the originals get ``--orig-epochs`` of it.
+    **Fitting variants** (validation split, 0 epochs): statistics only (BatchNorm re-estimation and
+    refit, no fit), closed-form least squares only (``steps=0``), Adam only
+    (``least_squares=False``), and the default, least squares then Adam; per-block relative output
+    error after fitting (``BlockFit.error_after``, mean over blocks and seeds) and seconds.
+
+    The shared recipe: AdamW, one-cycle learning rate, weight decay 1e-4, batch 64, random shifts of
+    up to 1 pixel on digits.
 
 How to run
-    python benchmarks/compress_trained.py            # the full study (~40 min on 1 thread), writes
+    python benchmarks/compress_trained.py --write    # the full study (~1.5 h on 1 thread), writes
                                                      # benchmarks/results/compress_trained.{md,png}
-    python benchmarks/compress_trained.py --quick    # smoke test: 1 seed, tiny data, 1 epoch, no files
+    python benchmarks/compress_trained.py --quick    # smoke test (~1-2 min): tiny data, one budget, no files
 
 Finished points are cached in ``benchmarks/results/compress_trained_cache.json`` (keyed by task,
-arm, seed, epochs): a crashed run resumes where it stopped; delete the file to start over.
+budget, arm, seed, epochs, learning rate): a stopped run resumes where it stopped (rerun the same
+command); delete the file to start over. Trained originals and calibrated networks are kept as
+``.pt`` files in ``benchmarks/results/.compress_trained_models/`` (git-ignored).
 """
 
 from __future__ import annotations
@@ -47,7 +54,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -64,13 +70,18 @@ sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import mgic_transform as mt  # noqa: E402
-from mgic_transform.passes.inherit import set_correction_scale  # noqa: E402
-from _common import code_version, load_line, machine_line  # noqa: E402
+from _common import load_line, preamble  # noqa: E402
 from models import cifar_resnet  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-ARMS = {"A": "MGIC from scratch", "B": "MGIC inherit + fine-tune", "C": "MGIC inherit + KD",
-        "D": "Torch-Pruning of the trained original + fine-tune"}
+RULE = "compact"
+ARMS = {"A": "MGIC from scratch, trained", "B": "MGIC inherit, fine-tuned", "C": "MGIC calibrated (C+: fine-tuned)",
+        "D": "Torch-Pruning, fine-tuned", "E": "Torch-Pruning + C's steps on the calibration set (E+: fine-tuned)"}
+VARIANTS = {  # name: calibrate() keywords; "ls+adam" is arm C itself
+    "stats": dict(steps=0, least_squares=False), "ls": dict(steps=0), "adam": dict(least_squares=False),
+    "ls+adam": dict()}
+VARIANT_NAMES = {"stats": "BatchNorm statistics only", "ls": "least squares only (finest level)",
+                 "adam": "Adam only", "ls+adam": "least squares, then Adam (default)"}
 
 
 # ----------------------------------------------------------------------------- data and models
@@ -136,14 +147,13 @@ class ResNet1d(nn.Module):
         return self.fc(self.blocks(self.stem(x)).mean(-1))
 
 
-TASKS = {
-    # name: (data, model constructor, mgicify options, random-shift augmentation in samples / pixels)
-    "mnist1d": (mnist1d_data, lambda: ResNet1d(64, 3), dict(group_size=8, coarsest_width=16, rule="compact"), 0),
-    "digits": (digits_data, lambda: cifar_resnet(14, in_channels=1, shortcut="B"), dict(group_size=8, coarsest_width=16, rule="compact"), 1),
+TASKS = {  # name: (data, model constructor, random-shift augmentation in samples / pixels)
+    "mnist1d": (mnist1d_data, lambda: ResNet1d(64, 3), 0),
+    "digits": (digits_data, lambda: cifar_resnet(14, in_channels=1, shortcut="B"), 1),
 }
 
 
-# ----------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------- training and scoring
 def shift(x: torch.Tensor, s: int, gen: torch.Generator) -> torch.Tensor:
     """The batch shifted by one random offset in [-s, s] along every spatial axis (zero padded)."""
     if s == 0:
@@ -154,32 +164,32 @@ def shift(x: torch.Tensor, s: int, gen: torch.Generator) -> torch.Tensor:
     return padded[(slice(None), slice(None), *(slice(o, o + n) for o, n in zip(offsets, spatial)))]
 
 
-def train(model: nn.Module, data, epochs: int, seed: int, args, aug: int, teacher: nn.Module | None = None) -> None:
-    """The shared recipe: AdamW, one-cycle lr (peak ``args.lr``), batch 64; KD from ``teacher`` if given."""
-    (x, y), _, _ = data
+def train_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, seed: int, lr: float, batch: int,
+                aug: int) -> float:
+    """The shared recipe for ``steps`` optimizer steps (AdamW, one-cycle lr peaking at ``lr``); returns seconds."""
+    if steps <= 0:
+        return 0.0
+    torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    steps = math.ceil(len(y) / args.batch)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=epochs * steps)
-    if teacher is not None:
-        teacher.eval()
-    for _ in range(epochs):
-        model.train()
-        perm = torch.randperm(len(y), generator=gen)
-        for i in range(steps):
-            b = perm[i * args.batch:(i + 1) * args.batch]
-            xb, yb = shift(x[b], aug, gen), y[b]
-            out = model(xb)
-            loss = F.cross_entropy(out, yb)
-            if teacher is not None:
-                with torch.no_grad():
-                    soft = F.log_softmax(teacher(xb) / args.kd_t, 1)
-                kd = F.kl_div(F.log_softmax(out / args.kd_t, 1), soft, log_target=True, reduction="batchmean")
-                loss = 0.5 * loss + 0.5 * args.kd_t ** 2 * kd
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    per_epoch = math.ceil(len(y) / batch)
+    t0 = time.perf_counter()
+    model.train()
+    for step in range(steps):
+        if step % per_epoch == 0:
+            perm = torch.randperm(len(y), generator=gen)
+        b = perm[(step % per_epoch) * batch:(step % per_epoch + 1) * batch]
+        loss = F.cross_entropy(model(shift(x[b], aug, gen)), y[b])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return time.perf_counter() - t0
+
+
+def epochs_to_steps(n: int, epochs: int, batch: int) -> int:
+    return epochs * math.ceil(n / batch)
 
 
 @torch.no_grad()
@@ -189,39 +199,20 @@ def accuracy(model: nn.Module, split) -> float:
     return sum((model(x[i:i + 500]).argmax(1) == y[i:i + 500]).sum().item() for i in range(0, len(y), 500)) / len(y)
 
 
-@torch.no_grad()
-def recalibrate(model: nn.Module, x: torch.Tensor, batch: int = 256) -> nn.Module:
-    """Re-estimate every BatchNorm's running statistics on ``x`` (train-mode forwards, no gradient, no update).
-
-    The inherited levels compute block-diagonal parts / restrictions of the trained layers,
-    so the trained statistics no longer describe their outputs; this is the usual BN
-    recalibration after pruning. Returns ``model`` in eval mode.
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches
-    model.train()
-    for i in range(0, len(x), batch):
-        model(x[i:i + batch])
-    for m, mom in zip(norms, saved):
-        m.momentum = mom
-    return model.eval()
-
-
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-# ----------------------------------------------------------------------------- the arms
-def compress(trained: nn.Module, example: torch.Tensor, opts: dict, init: str, scale: float | None = None):
+def score(model: nn.Module, data, **extra) -> dict:
+    _, val, test = data
+    return {"val": accuracy(model, val), "test": accuracy(model, test), "params": n_params(model), **extra}
+
+
+# ----------------------------------------------------------------------------- the compressed networks
+def compress(model: nn.Module, example: torch.Tensor, ratio: float, init: str) -> torch.fx.GraphModule:
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gm = mt.mgicify(trained, example, init=init, **opts)
-    if scale is not None:
-        set_correction_scale(gm, scale)
-    return gm
+        warnings.simplefilter("ignore")  # init="inherit" of a fresh model (arm A uses scratch) and the like
+        return mt.mgicify(model, example, target_params=ratio, rule=RULE, init=init)
 
 
 def prune_to(trained: nn.Module, example: torch.Tensor, target: int) -> nn.Module:
@@ -242,27 +233,19 @@ def prune_to(trained: nn.Module, example: torch.Tensor, target: int) -> nn.Modul
     return pruned(hi)
 
 
-def block_errors(trained: nn.Module, gm: nn.Module, x: torch.Tensor) -> list[float]:
-    """Relative output error of every rewritten block whose path is a module of ``trained``, on its real inputs."""
-    errors = []
-    trained.eval(), gm.eval()
-    for d in gm.meta["mgic"].rewritten:
-        try:
-            block = trained.get_submodule(d.path)
-        except AttributeError:
-            continue
-        seen = {}
-        hook = block.register_forward_hook(lambda m, i, o: seen.update(x=i[0], y=o))
-        with torch.no_grad():
-            trained(x)
-        hook.remove()
-        with torch.no_grad():
-            out = gm.get_submodule(d.module)(seen["x"])
-        errors.append(((out - seen["y"]).norm() / seen["y"].norm()).item())
-    return errors
+def calibrated(inherit_gm: torch.fx.GraphModule, trained: nn.Module, calib_x: torch.Tensor, seed: int, args,
+               **variant) -> tuple[torch.fx.GraphModule, dict]:
+    """A calibrated copy of ``inherit_gm`` and what calibration did (BlockFit per block, wall seconds)."""
+    gm = copy.deepcopy(inherit_gm)
+    t0 = time.perf_counter()
+    mt.calibrate(gm, trained, calib_x, seed=seed, progress=args.progress, **{**args.calibration, **variant})
+    seconds = time.perf_counter() - t0
+    fits = [d.fit for d in mt.plan_of(gm).rewritten]
+    return gm, {"seconds": round(seconds, 2), "steps": sum(f.steps for f in fits), "blocks": len(fits),
+                "error_before": [f.error_before for f in fits], "error_after": [f.error_after for f in fits]}
 
 
-# ----------------------------------------------------------------------------- the study
+# ----------------------------------------------------------------------------- the cache
 class Cache:
     """Finished points, one JSON file; written after every point."""
 
@@ -280,191 +263,299 @@ class Cache:
         return self.data[key]
 
 
-def run_task(task: str, args, cache: Cache) -> dict:
-    make_data, make_model, opts, aug = TASKS[task]
-    data = make_data(args.quick)
-    train_split, val, test = data
-    example = train_split[0][:2]
-    print(f"[{task}] {len(train_split[1])} train / {len(val[1])} val / {len(test[1])} test; {opts}", flush=True)
-    out: dict = {"opts": opts, "sizes": [len(train_split[1]), len(val[1]), len(test[1])], "seeds": {}}
-    for seed in args.seeds:
-        torch.manual_seed(seed)
-        original = make_model()
-        path = args.models_dir / f"{task}_original_seed{seed}.pt" if args.models_dir else None
-        if path is not None and path.exists():
-            original.load_state_dict(torch.load(path))
-        else:
-            t0 = time.perf_counter()
-            train(original, data, args.orig_epochs, seed, args, aug)
-            print(f"  [{task} seed {seed}] original trained in {time.perf_counter() - t0:.0f} s", flush=True)
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(original.state_dict(), path)
-        original.eval()
-        r: dict = {}
-        r["original"] = cache.get(f"{task}/original/{seed}", lambda: {
-            "val": accuracy(original, val), "test": accuracy(original, test), "params": n_params(original)})
-        # 1. the start, before any training
-        for scale in args.scales:
-            r[f"start/{scale}"] = cache.get(f"{task}/start/{scale}/{seed}", lambda: (lambda gm: {
-                "val": accuracy(gm, val), "test": accuracy(gm, test), "params": n_params(gm),
-                "block_errors": block_errors(original, gm, val[0][:500])})(
-                    compress(original, example, opts, "inherit", scale)))
-            r[f"recal/{scale}"] = cache.get(f"{task}/recal/{scale}/{seed}", lambda: (lambda gm: {
-                "val": accuracy(gm, val), "test": accuracy(gm, test),
-                "block_errors": block_errors(original, gm, val[0][:500])})(
-                    recalibrate(compress(original, example, opts, "inherit", scale), train_split[0])))
-        r["start/scratch"] = cache.get(f"{task}/start/scratch/{seed}", lambda: (lambda gm: {
-            "val": accuracy(gm, val), "test": accuracy(gm, test),
-            "block_errors": block_errors(original, gm, val[0][:500])})(compress(original, example, opts, "scratch")))
-        # 2. the N_j scale, chosen on the validation split
-        for scale in (0.0, 1.0):
-            r[f"choose/{scale}"] = cache.get(f"{task}/choose/{scale}/{seed}", lambda: _finetune(
-                compress(original, example, opts, "inherit", scale), data, args.choose_epochs, seed, args, aug))
-        out["seeds"][seed] = r
-        out.setdefault("original_models", {})[seed] = original
-    means = {s: statistics.mean(out["seeds"][seed][f"choose/{s}"]["val"] for seed in args.seeds) for s in (0.0, 1.0)}
-    scale = max(means, key=lambda s: (means[s], -s))
-    out["scale"], out["choose_means"] = scale, means
-    print(f"[{task}] N_j scale chosen on validation: {scale} (mean val acc {means})", flush=True)
-    # 3. recovery at the MGIC parameter budget
-    for seed in args.seeds:
-        original = out["original_models"][seed]
-        r = out["seeds"][seed]
-        for epochs in args.epochs:
-            def arm_a():
-                torch.manual_seed(seed)
-                return _finetune(compress(make_model(), example, opts, "scratch"), data, epochs, seed, args, aug)
+# ----------------------------------------------------------------------------- one (task, budget, seed)
+class Unit:
+    """The networks of one task, budget and seed, built when first asked for (each arm starts from a copy)."""
 
-            r[f"A/{epochs}"] = cache.get(f"{task}/A/{epochs}/{seed}", arm_a)
-            r[f"B/{epochs}"] = cache.get(f"{task}/B/{epochs}/{seed}/{scale}", lambda: _finetune(
-                compress(original, example, opts, "inherit", scale), data, epochs, seed, args, aug))
-            r[f"C/{epochs}"] = cache.get(f"{task}/C/{epochs}/{seed}/{scale}", lambda: _finetune(
-                compress(original, example, opts, "inherit", scale), data, epochs, seed, args, aug, teacher=original))
-            budget = r["start/0.0"]["params"] if "start/0.0" in r else n_params(compress(original, example, opts, "scratch"))
-            r[f"D/{epochs}"] = cache.get(f"{task}/D/{epochs}/{seed}", lambda: _finetune(
-                prune_to(original, example, budget), data, epochs, seed, args, aug))
-    del out["original_models"]
+    def __init__(self, task: str, ratio: float, seed: int, data, trained: nn.Module, args) -> None:
+        self.task, self.ratio, self.seed, self.data, self.trained, self.args = task, ratio, seed, data, trained, args
+        (x, y), _, _ = data
+        self.aug = TASKS[task][2]
+        self.example = x[:2]
+        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:args.calibration_samples]
+        self.calib = (x[perm], y[perm])  # at most 1,024 training samples; C uses the inputs only
+        self._nets: dict = {}
+
+    def net(self, name: str):
+        if name not in self._nets:
+            self._nets[name] = getattr(self, f"_build_{name}")()
+        return self._nets[name]
+
+    def _build_A(self) -> nn.Module:
+        torch.manual_seed(self.seed + 1000)
+        return compress(TASKS[self.task][1](), self.example, self.ratio, "scratch")
+
+    def _build_B(self) -> nn.Module:
+        return compress(self.trained, self.example, self.ratio, "inherit")
+
+    def _build_C(self) -> tuple[nn.Module, dict]:
+        path = self.args.models_dir / f"{self.task}_{self.ratio}_calibrated_seed{self.seed}.pt" if self.args.models_dir \
+            else None
+        info = self.args.cache.data.get(self.key("C", 0))
+        if path is not None and path.exists() and info is not None:
+            gm = copy.deepcopy(self.net("B"))
+            gm.load_state_dict(torch.load(path))
+            return gm, info
+        gm, info = calibrated(self.net("B"), self.trained, self.calib[0], self.seed, self.args)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(gm.state_dict(), path)
+        return gm, info
+
+    def _build_D(self) -> nn.Module:
+        return prune_to(self.trained, self.example, n_params(self.net("B")))
+
+    def start(self, arm: str, e_lr: float | None = None) -> nn.Module:
+        """A fresh copy of the network arm ``arm`` fine-tunes (E: D after C's steps on the calibration set)."""
+        if arm == "C":
+            return copy.deepcopy(self.net("C")[0])
+        if arm != "E":
+            return copy.deepcopy(self.net(arm))
+        model = copy.deepcopy(self.net("D"))
+        train_steps(model, *self.calib, self.net("C")[1]["steps"], self.seed, e_lr, self.args.batch, self.aug)
+        return model
+
+    def key(self, arm: str, epochs: int, lr: float | None = None) -> str:
+        return f"{self.task}/{self.ratio}/{arm}/{epochs}" + (f"/{lr}" if lr is not None else "") + f"/{self.seed}"
+
+    def finetuned(self, arm: str, epochs: int, lr: float, e_lr: float | None = None) -> dict:
+        model = self.start(arm, e_lr)
+        (x, y), _, _ = self.data
+        seconds = train_steps(model, x, y, epochs_to_steps(len(y), epochs, self.args.batch), self.seed, lr,
+                              self.args.batch, self.aug)
+        return score(model, self.data, seconds=round(seconds, 2))
+
+    def at_zero(self, arm: str) -> dict:
+        if arm == "C":
+            gm, info = self.net("C")
+            return score(gm, self.data, calibration=info)
+        return score(self.net(arm), self.data)
+
+    def variant(self, name: str) -> dict:
+        if name == "ls+adam":
+            gm, info = self.net("C")
+        else:
+            gm, info = calibrated(self.net("B"), self.trained, self.calib[0], self.seed, self.args, **VARIANTS[name])
+        return {"val": accuracy(gm, self.data[1]), **info}
+
+
+# ----------------------------------------------------------------------------- the study
+def trained_original(task: str, seed: int, data, args) -> nn.Module:
+    """The task's original trained with the shared recipe for ``--orig-epochs`` (cached as a .pt file)."""
+    torch.manual_seed(seed)
+    model = TASKS[task][1]()
+    path = args.models_dir / f"{task}_original_seed{seed}.pt" if args.models_dir else None
+    if path is not None and path.exists():
+        model.load_state_dict(torch.load(path))
+    else:
+        (x, y), _, _ = data
+        seconds = train_steps(model, x, y, epochs_to_steps(len(y), args.orig_epochs, args.batch), seed, args.lr,
+                              args.batch, TASKS[task][2])
+        print(f"  [{task} seed {seed}] original trained in {seconds:.0f} s", flush=True)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), path)
+    return model.eval()
+
+
+def best_lr(points: dict[float, list[dict]]) -> float:
+    """The learning rate with the best mean validation accuracy (ties: the smaller)."""
+    return max(points, key=lambda lr: (statistics.mean(p["val"] for p in points[lr]), -lr))
+
+
+def run_budget(units: list[Unit], args, cache: Cache) -> dict:
+    """Every arm of one task and budget over the seeds: 0 epochs, the lr choice at 1 epoch, then the rest."""
+    out: dict = {"zero": {}, "lr": {}, "runs": {}, "variants": {}}
+    for arm in ("A", "B", "C", "D"):
+        out["zero"][arm] = [cache.get(u.key(arm, 0), lambda u=u: u.at_zero(arm)) for u in units]
+    e_points = {lr: [cache.get(u.key("E", 0, lr), lambda u=u, lr=lr: u.finetuned("E", 0, 0.0, lr)) for u in units]
+                for lr in args.ft_lrs}
+    e_lr = out["lr"]["E0"] = best_lr(e_points)
+    out["zero"]["E"] = e_points[e_lr]
+    for name in args.variants:
+        out["variants"][name] = [cache.get(u.key(f"variant/{name}", 0), lambda u=u: u.variant(name)) for u in units]
+    tuned = [e for e in args.epochs if e > 0]
+    for arm in ("A", "B", "C", "D", "E"):
+        label = arm if arm != "E" else f"E/{e_lr}"
+        first = {lr: [cache.get(u.key(label, tuned[0], lr), lambda u=u, lr=lr: u.finetuned(arm, tuned[0], lr, e_lr))
+                      for u in units] for lr in args.ft_lrs}
+        lr = out["lr"][arm] = best_lr(first)
+        out["runs"][arm] = {tuned[0]: first[lr]}
+        for epochs in tuned[1:]:
+            out["runs"][arm][epochs] = [cache.get(u.key(label, epochs, lr), lambda u=u: u.finetuned(arm, epochs, lr, e_lr))
+                                        for u in units]
     return out
 
 
-def _finetune(model: nn.Module, data, epochs: int, seed: int, args, aug: int, teacher=None) -> dict:
-    torch.manual_seed(seed)
-    t0 = time.perf_counter()
-    train(model, data, epochs, seed, args, aug, teacher)
-    _, val, test = data
-    return {"val": accuracy(model, val), "test": accuracy(model, test), "params": n_params(model),
-            "seconds": round(time.perf_counter() - t0, 1)}
+def run_task(task: str, args, cache: Cache) -> dict:
+    data = TASKS[task][0](args.quick)
+    sizes = [len(s[1]) for s in data]
+    print(f"[{task}] {sizes[0]} train / {sizes[1]} val / {sizes[2]} test", flush=True)
+    originals = {seed: trained_original(task, seed, data, args) for seed in args.seeds}
+    out: dict = {"sizes": sizes, "original": [cache.get(f"{task}/original/{seed}", lambda seed=seed: score(
+        originals[seed], data)) for seed in args.seeds], "budgets": {}}
+    for ratio in args.budgets:
+        units = [Unit(task, ratio, seed, data, originals[seed], args) for seed in args.seeds]
+        out["budgets"][ratio] = run_budget(units, args, cache)
+        out["budgets"][ratio]["blocks"] = cache.get(f"{task}/{ratio}/blocks", lambda: ", ".join(
+            f"`{d.path}` {'/'.join(map(str, d.levels))}" for d in mt.plan_of(units[0].net("B")).rewritten))
+    return out
 
 
 # ----------------------------------------------------------------------------- the report
+def pct(points: list[dict], key: str = "test") -> list[float]:
+    return [100 * p[key] for p in points]
+
+
 def ms(values: list[float]) -> str:
-    v = [100 * a for a in values]
-    return f"{statistics.mean(v):.2f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.2f}"
 
 
-def table(task: str, res: dict, args) -> str:
-    seeds = list(res["seeds"].values())
-    lines = [f"### {task} (`mgicify({', '.join(f'{k}={v}' for k, v in res['opts'].items())})`; "
-             f"{res['sizes'][0]} train / {res['sizes'][1]} val / {res['sizes'][2]} test)", ""]
-    p_orig = seeds[0]["original"]["params"]
-    lines.append(f"Original: {p_orig:,} parameters, test accuracy {ms([s['original']['test'] for s in seeds])}%.")
-    lines += ["", "**The start, before any training** (eval mode; block error = relative output error of each rewritten "
-              "block on 500 validation inputs, mean over blocks and seeds):", "",
-              "| init | N_j scale | val acc. % | test acc. % | block error |", "|---|--:|--:|--:|--:|"]
-    def err(key):
-        errs = [e for s in seeds for e in s[key]["block_errors"]]
-        return f"{statistics.mean(errs):.3f}" if errs else "n/a"
-    lines.append(f"| scratch | default | {ms([s['start/scratch']['val'] for s in seeds])} | "
-                 f"{ms([s['start/scratch']['test'] for s in seeds])} | {err('start/scratch')} |")
-    for scale in args.scales:
-        k = f"start/{scale}"
-        lines.append(f"| inherit | {scale} | {ms([s[k]['val'] for s in seeds])} | {ms([s[k]['test'] for s in seeds])} "
-                     f"| {err(k)} |")
-    for scale in args.scales:
-        k = f"recal/{scale}"
-        lines.append(f"| inherit + BN statistics re-estimated on the training set | {scale} | "
-                     f"{ms([s[k]['val'] for s in seeds])} | {ms([s[k]['test'] for s in seeds])} | {err(k)} |")
-    lines += ["", f"**Choosing N_j** (inherit + {args.choose_epochs} epochs fine-tuning, validation accuracy): "
-              + ", ".join(f"scale {s}: {ms([x[f'choose/{s}']['val'] for x in seeds])}%" for s in (0.0, 1.0))
-              + f" -> arms B and C use **{res['scale']}**.", ""]
-    budget = seeds[0]["B/" + str(args.epochs[0])]["params"]
-    pruned = seeds[0]["D/" + str(args.epochs[0])]["params"]
-    lines += [f"**Recovery** (test accuracy %, mean ± std over seeds {args.seeds}); MGIC {budget:,} parameters "
-              f"({budget / p_orig:.2f}x), pruned {pruned:,} ({pruned / p_orig:.2f}x):", "",
-              "| arm | " + " | ".join(f"{e} epoch{'s' if e > 1 else ''}" for e in args.epochs) + " |",
-              "|---|" + "--:|" * len(args.epochs)]
-    for arm, name in ARMS.items():
-        lines.append(f"| {arm}: {name} | " + " | ".join(ms([s[f'{arm}/{e}']['test'] for s in seeds])
-                                                        for e in args.epochs) + " |")
-    return "\n".join(lines)
+def mean(values) -> float:
+    return statistics.mean(list(values))
+
+
+def arm_row(arm: str, res: dict, args) -> str:
+    cells = [ms(pct(res["zero"][arm]))] + [ms(pct(res["runs"][arm][e])) for e in args.epochs if e > 0]
+    lr = f"{res['lr'][arm]:g}" + (f" (E's steps: {res['lr']['E0']:g})" if arm == "E" else "")
+    return f"| {arm}: {ARMS[arm]} | " + " | ".join(cells) + f" | {lr} |"
+
+
+def budget_section(task: str, ratio: float, res: dict, p_orig: int, args) -> list[str]:
+    p_mgic, p_pruned = res["zero"]["B"][0]["params"], res["zero"]["D"][0]["params"]
+    cal = [p["calibration"] for p in res["zero"]["C"]]
+    epoch_s = [p["seconds"] / args.epochs[1] for p in res["runs"]["C"][args.epochs[1]]] if len(args.epochs) > 1 else []
+    lines = [f"#### {task}, target_params={ratio}: MGIC {p_mgic:,} parameters ({p_mgic / p_orig:.3f}x), pruned "
+             f"{p_pruned:,} ({p_pruned / p_orig:.3f}x)", "",
+             f"Rewritten blocks (levels): {res['blocks']}.", "",
+             "| arm | " + " | ".join(f"{e} epoch{'s' if e != 1 else ''}" for e in args.epochs) + " | fine-tune lr |",
+             "|---|" + "--:|" * len(args.epochs) + "--:|"]
+    lines += [arm_row(arm, res, args) for arm in ARMS]
+    lines += ["", f"Calibration: {mean(c['seconds'] for c in cal):.1f} s (mean over seeds; {cal[0]['steps']} Adam steps "
+              f"over {cal[0]['blocks']} blocks, {args.calibration_samples} samples max), block output error "
+              f"{mean(mean(c['error_before']) for c in cal):.3f} -> {mean(mean(c['error_after']) for c in cal):.3f} "
+              f"(mean over blocks and seeds)" + (f"; one epoch of fine-tuning C+: {mean(epoch_s):.1f} s "
+                                                f"({mean(c['seconds'] for c in cal) / mean(epoch_s):.1f}x)." if epoch_s else ".")]
+    return lines
+
+
+def goals_table(results: dict, args) -> list[str]:
+    """C at 0 epochs against the original (2 points at 0.5x, 5 at 0.3x), C vs E at 0 epochs, C+ vs D at 1 epoch."""
+    lines = ["| task | budget | original | C, 0 epochs | C - original (goal) | E, 0 epochs | C - E | C+ - D, 1 epoch |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|"]
+    for task, res in results.items():
+        orig = mean(pct(res["original"]))
+        for ratio, b in res["budgets"].items():
+            c0, e0 = mean(pct(b["zero"]["C"])), mean(pct(b["zero"]["E"]))
+            allowed = 2.0 if ratio >= 0.4 else 5.0
+            gap = c0 - orig
+            goal = f"{gap:+.2f} ({'met' if gap >= -allowed else f'missed by {-gap - allowed:.2f}'}; >= -{allowed:g})"
+            cd = ""
+            if 1 in b["runs"]["C"]:
+                d = mean(pct(b["runs"]["C"][1])) - mean(pct(b["runs"]["D"][1]))
+                cd = f"{d:+.2f} ({'met' if d > 0 else 'missed'})"
+            lines.append(f"| {task} | {ratio} | {orig:.2f} | {c0:.2f} | {goal} | {e0:.2f} | "
+                         f"{c0 - e0:+.2f} ({'met' if c0 > e0 else 'missed'}) | {cd} |")
+    return lines
+
+
+def variants_table(results: dict, args) -> list[str]:
+    lines = ["| task | budget | fit | val. acc. %, 0 epochs | block error after | seconds |", "|---|--:|---|--:|--:|--:|"]
+    for task, res in results.items():
+        for ratio, b in res["budgets"].items():
+            for name, points in b["variants"].items():
+                lines.append(f"| {task} | {ratio} | {VARIANT_NAMES[name]} | {ms(pct(points, 'val'))} | "
+                             f"{mean(mean(p['error_after']) for p in points):.3f} | {mean(p['seconds'] for p in points):.1f} |")
+    return lines
+
+
+def report(results: dict, args, started: str, wall: float, argv: list[str]) -> str:
+    parts = ["\n".join(preamble("Compressing a trained model: calibration vs inheritance, scratch and Torch-Pruning",
+                                started)),
+             f"Command: `python benchmarks/compress_trained.py {' '.join(argv)}`; wall time {wall / 60:.1f} min "
+             f"(points cached by an earlier run count only there). Seeds {args.seeds}; test accuracy %, mean ± std "
+             f"over seeds; every choice (fine-tune learning rates from {args.ft_lrs}) on the validation split.  \n"
+             f"Recipe: AdamW, one-cycle lr, weight decay 1e-4, batch {args.batch}; originals {args.orig_epochs} epochs "
+             f"at lr {args.lr}; `mgicify(trained, x, target_params=r, rule=\"{RULE}\")`; calibration "
+             f"`mt.calibrate(gm, trained, x_cal, {', '.join(f'{k}={v}' for k, v in args.calibration.items())})` "
+             f"(otherwise the defaults) on at most {args.calibration_samples} training inputs.",
+             "## The goals", "\n".join(goals_table(results, args))]
+    for task, res in results.items():
+        p_orig = res["original"][0]["params"]
+        parts.append(f"## {task} ({res['sizes'][0]} train / {res['sizes'][1]} val / {res['sizes'][2]} test)\n\n"
+                     f"Original: {p_orig:,} parameters, test accuracy {ms(pct(res['original']))}%.")
+        parts += ["\n".join(budget_section(task, ratio, b, p_orig, args)) for ratio, b in res["budgets"].items()]
+    parts += ["## Fitting variants (validation split, before any fine-tuning)", "\n".join(variants_table(results, args))]
+    return "\n\n".join(parts)
 
 
 def plot(results: dict, args, path: Path) -> None:
+    """Test accuracy against fine-tuning epochs, one panel per task and budget, one line per arm."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4))
-    axes = [axes] if len(results) == 1 else axes
-    for ax, (task, res) in zip(axes, results.items()):
-        seeds = list(res["seeds"].values())
-        for arm, name in ARMS.items():
-            accs = [[100 * s[f"{arm}/{e}"]["test"] for s in seeds] for e in args.epochs]
-            mean = [statistics.mean(a) for a in accs]
-            std = [statistics.stdev(a) if len(a) > 1 else 0 for a in accs]
-            ax.errorbar(args.epochs, mean, yerr=std, marker="o", capsize=3, label=f"{arm}: {name}")
-        orig = statistics.mean(100 * s["original"]["test"] for s in seeds)
-        ax.axhline(orig, color="grey", ls="--", label="trained original")
-        ax.set_xscale("log")
-        ax.set_xticks(args.epochs, [str(e) for e in args.epochs])
-        ax.set_xlabel("fine-tune / training epochs")
+    panels = [(task, ratio, b, res) for task, res in results.items() for ratio, b in res["budgets"].items()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for ax, (task, ratio, b, res) in zip(axes[0], panels):
+        for arm in ARMS:
+            accs = [pct(b["zero"][arm])] + [pct(b["runs"][arm][e]) for e in args.epochs if e > 0]
+            ax.errorbar(args.epochs, [statistics.mean(a) for a in accs],
+                        yerr=[statistics.stdev(a) if len(a) > 1 else 0 for a in accs], marker="o", capsize=3,
+                        label=f"{arm}: {ARMS[arm]}")
+        ax.axhline(mean(pct(res["original"])), color="grey", ls="--", label="trained original")
+        ax.set_xticks(args.epochs)
+        ax.set_xlabel("fine-tuning epochs")
         ax.set_ylabel("test accuracy %")
-        ax.set_title(task)
+        ax.set_ylim(0, 100)
+        ax.set_title(f"{task}, {ratio}x parameters")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower right")
+    axes[0][0].legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, nargs="+", default=[1, 3, 10], help="fine-tune budgets (one run each)")
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.5], help="target_params ratios")
+    p.add_argument("--epochs", type=int, nargs="+", default=[0, 1, 3], help="fine-tune budgets (0 first)")
     p.add_argument("--orig-epochs", type=int, default=12, help="epochs that train each original")
-    p.add_argument("--choose-epochs", type=int, default=3, help="fine-tune epochs of the N_j-scale choice")
-    p.add_argument("--scales", type=float, nargs="+", default=[0.0, 0.5, 1.0], help="N_j scales measured at the start")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak lr that trains the originals")
+    p.add_argument("--ft-lrs", type=float, nargs="+", default=[1e-3, 3e-3], help="fine-tune peak lrs (chosen on val)")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--kd-t", type=float, default=4.0, help="distillation temperature")
+    p.add_argument("--calibration-samples", type=int, default=1024)
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--quick", action="store_true", help="smoke test: 1 seed, small data, 1-epoch budgets, no files")
+    p.add_argument("--progress", action="store_true", help="calibrate's per-block lines on stderr")
+    p.add_argument("--quick", action="store_true", help="smoke test: 1 seed, small data, one budget, 0/1 epochs")
+    p.add_argument("--write", action="store_true", help="write benchmarks/results/compress_trained.{md,png}")
     args = p.parse_args(argv)
+    args.calibration = {}  # calibrate()'s defaults
     if args.quick:
-        args.seeds, args.epochs, args.orig_epochs, args.choose_epochs = args.seeds[:1], [1], 1, 1
+        args.seeds, args.budgets, args.epochs, args.orig_epochs = args.seeds[:1], [0.5], [0, 1], 1
+        args.ft_lrs, args.calibration_samples, args.calibration = args.ft_lrs[-1:], 128, {"steps": 20}
+    if args.epochs[0] != 0 or len(args.epochs) < 2:
+        p.error("--epochs must start with 0 and hold at least one fine-tune budget")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    args.models_dir = None if args.quick else RESULTS / ".compress_trained_models"  # gitignored
-    cache = Cache(None if args.quick else RESULTS / "compress_trained_cache.json")
-    start, load0 = time.perf_counter(), load_line()
-    results = {task: run_task(task, args, cache) for task in args.tasks}
-    wall = time.perf_counter() - start
-    md = "\n\n".join([
-        "# Compressing a trained model: MGIC with inherited weights vs scratch vs Torch-Pruning",
-        f"Command: `python benchmarks/compress_trained.py {' '.join(argv if argv is not None else sys.argv[1:])}`  \n"
-        f"{code_version()}; {machine_line()}; batch {args.batch}; {load0} when started, {load_line()} when finished; "
-        f"wall time {wall / 60:.1f} min (points cached in an earlier run count only their first run).  \n"
-        f"Recipe for every run: AdamW, one-cycle lr peak {args.lr}, weight decay 1e-4, batch {args.batch}; originals "
-        f"{args.orig_epochs} epochs; KD: 0.5 CE + 0.5 T^2 KL, T={args.kd_t}. Choices on the validation split only; "
-        f"all accuracies below are on the held-out test split unless marked val.",
-        *[table(task, res, args) for task, res in results.items()],
-    ])
+    args.models_dir = None if args.quick else RESULTS / ".compress_trained_models"  # gitignored (*.pt)
+    args.cache = Cache(None if args.quick else RESULTS / "compress_trained_cache.json")
+    start, started = time.perf_counter(), load_line()
+    results = {task: run_task(task, args, args.cache) for task in args.tasks}
+    md = report(results, args, started, time.perf_counter() - start, argv)
     print("\n" + md, flush=True)
-    if not args.quick:
+    if args.write and not args.quick:
         (RESULTS / "compress_trained.md").write_text(md + "\n")
         plot(results, args, RESULTS / "compress_trained.png")
-        print(f"wrote {RESULTS / 'compress_trained.md'} and .png")
+        print(f"wrote {RESULTS / 'compress_trained.md'} and .png", file=sys.stderr)
     return 0
 
 
