@@ -91,7 +91,7 @@ def test_b44_a_slice_that_empties_a_level_declines_the_block():
             x = self.stem(x)
             return torch.cat([x[:, :60], self.f(x[:, 60:])], 1)  # 60 is no width: it is not scaled
 
-    gm = mt.mgicify(Fixed(), torch.randn(2, 3, 8, 8), group_size=4, coarsest_width=8)
+    gm = mt.mgicify(Fixed(), torch.randn(2, 3, 8, 8), group_size=2, coarsest_width=2)
     assert not mt.plan_of(gm).rewritten
     (d,) = [d for d in mt.plan_of(gm).blocks if d.kind == "residual"]
     assert "empty tensor" in d.reason
