@@ -151,12 +151,14 @@ def test_b47_a_leaf_module_bounds_the_block_before_it():
     assert gm(torch.randn(2, 3, 16, 16)).shape == (2, 10)
 
 
-# B48: the README's budget example could not be met; the hint suggested an option already in use
-def test_b48_the_readme_budget_is_met_by_trying_transitions():
-    model = torchvision.models.resnet50()
-    gm = mt.mgicify(model, torch.randn(1, 3, 64, 64), target_params=0.3)
+# B48: the README's budget example could not be met (ResNet-50's equal-width blocks alone go down to 0.41 of its
+# parameters): the search tries transitions=True when the user did not say. (tests/test_readme.py runs the README's
+# own example; tests/test_budget.py checks the hint names only remedies not in use.)
+def test_b48_a_budget_out_of_reach_without_transitions_is_met_with_them():
+    model = torchvision.models.resnet18()  # its equal-width blocks alone go down to 0.20 of its parameters
+    gm = mt.mgicify(model, torch.randn(1, 3, 32, 32), target_params=0.15)
     assert mt.plan_of(gm).options.transitions is True
-    assert 0.291 <= mt.plan_of(gm).budget.achieved <= 0.3
+    assert mt.plan_of(gm).budget.achieved <= 0.15
 
 
 # B49: the plan was empty after torch.load (only a private attribute survived)
