@@ -180,3 +180,16 @@ def test_b50_no_reference_points_outside_the_repository():
     bad = [str(p.relative_to(ROOT)) for p in files if "shared/DESIGN.md" in p.read_text(errors="ignore")
            and p.name != "test_trust_on_first_try.py"]
     assert bad == []
+
+
+def test_the_bug_ledger_names_tests_that_exist():
+    """Every test ``tests/regressions/BUGS.md`` cites exists, so the ledger cannot rot when tests move."""
+    import re
+
+    ledger = (ROOT / "tests" / "regressions" / "BUGS.md").read_text()
+    missing = []
+    for file, test in set(re.findall(r"(tests/[\w/]+\.py)(?:::(test_\w+))?", ledger)):
+        path = ROOT / file
+        if not path.exists() or (test and not re.search(rf"def {test}\b", path.read_text())):
+            missing.append(f"{file}::{test}" if test else file)
+    assert sorted(missing) == []
