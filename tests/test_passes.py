@@ -253,3 +253,124 @@ def test_copy_structure_hooks():
     assert calls == [1]
     model(x)  # the original keeps its hook
     assert calls == [1, 1]
+
+
+# --------------------------------------------------------------------------- shapes at a second size
+
+
+class _Net(nn.Module):
+    def __init__(self, flat: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8 * 8 * 8 if flat else 8, 4)
+        self.flat = flat
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.fc(y.flatten(1) if self.flat else self.pool(y).flatten(1))
+
+
+def test_propagate_other_size_records_the_shapes_at_twice_the_spatial_size():
+    from mgic_transform.passes.shapes import other_shape_of, propagate_other_size, shape_of
+
+    gm = _analysed(_Net(), torch.randn(2, 3, 8, 8))
+    assert propagate_other_size(gm, (torch.randn(2, 3, 8, 8),)) is None
+    conv = next(n for n in gm.graph.nodes if n.target == "conv")
+    pool = next(n for n in gm.graph.nodes if n.target == "pool")
+    assert shape_of(conv) == (2, 8, 8, 8) and other_shape_of(conv) == (2, 8, 16, 16)
+    assert other_shape_of(pool) == (2, 8, 1, 1), "the global pool's output does not grow with the input"
+
+
+def test_propagate_other_size_says_why_when_the_model_runs_at_one_size_only():
+    from mgic_transform.passes.shapes import propagate_other_size
+
+    gm = _analysed(_Net(flat=True), torch.randn(2, 3, 8, 8))  # flatten into a Linear fixes the map size
+    why = propagate_other_size(gm, (torch.randn(2, 3, 8, 8),))
+    assert why and "does not run at input 2x3x16x16" in why
+    assert not any("shape_other" in n.meta for n in gm.graph.nodes), "no half-annotated graph"
+
+
+# --------------------------------------------------------------------------- channel dimension of a block
+
+
+def test_block_channel_dim_reads_the_first_layer_with_a_channel_rule():
+    from mgic_transform.passes.channels import block_channel_dim
+
+    class ChannelsLast(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            return x + self.b(torch.relu(self.a(x)))
+
+    for model, x, expected in [(nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1)),
+                                torch.randn(1, 3, 8, 8), 1),
+                               (ChannelsLast(), torch.randn(2, 5, 16), 2)]:
+        gm = _analysed(model, x)
+        modules = dict(gm.named_modules())
+        region = find_blocks(gm)[-1]
+        assert block_channel_dim(region.entry, region.nodes, modules) == expected
+    gm = _analysed(nn.Sequential(nn.Conv2d(3, 8, 1), nn.Flatten(), nn.Linear(8 * 16, 8)), torch.randn(1, 3, 4, 4))
+    flat = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "2")
+    assert block_channel_dim(flat.args[0], [flat], dict(gm.named_modules())) == 1  # (N, C) input: dim 1
+
+
+# --------------------------------------------------------------------------- transitions: the head, the shortcut
+
+
+def test_is_head_follows_reshapes_to_the_output_and_nothing_else():
+    from mgic_transform.passes.transition import is_head
+
+    gm = _analysed(_Net(), torch.randn(2, 3, 8, 8))
+    nodes = {str(n.target): n for n in gm.graph.nodes if n.op == "call_module"}
+    assert is_head(nodes["fc"]), "the classifier's output is the model's output"
+    assert not is_head(nodes["conv"]) and not is_head(nodes["pool"]), "pool -> flatten -> fc: fc is in between"
+
+
+class _Projected(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.down = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2), nn.BatchNorm2d(16))
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)) + self.down(x))
+
+
+def test_drop_projection_shortcut_rewires_the_branch_to_the_block_input():
+    from mgic_transform.passes.transition import drop_projection_shortcut
+
+    gm = trace(_Projected())
+    assert drop_projection_shortcut(gm)
+    gm.graph.lint()
+    assert not any(str(n.target).startswith("down") for n in gm.graph.nodes), "the projection is gone"
+    add = next(n for n in gm.graph.nodes if n.target in (torch.add, __import__("operator").add))
+    assert any(a.op == "placeholder" for a in add.args), "the join reads the block input itself"
+    assert not drop_projection_shortcut(trace(nn.Sequential(nn.Conv2d(8, 8, 1), nn.ReLU()))), "nothing to drop"
+
+
+# --------------------------------------------------------------------------- the rewrite pass on its own
+
+
+def test_rewrite_blocks_splices_one_mgic_block_per_decision_and_declines_with_codes():
+    from mgic_transform.nn import MGICBlock
+    from mgic_transform.options import MGICOptions
+    from mgic_transform.passes.rewrite import rewrite_blocks
+    from mgic_transform.plan import Decline
+
+    model = nn.Sequential(nn.Conv2d(3, 32, 1), nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 4, 1))
+    gm = _analysed(copy_structure(model), torch.randn(2, 3, 8, 8))
+    decisions = rewrite_blocks(gm, find_blocks(gm), MGICOptions(group_size=4, coarsest_width=8, skip=("4",),
+                                                                  block_sizes={"1": (8, 8)}, transitions=False))
+    gm.graph.lint()
+    gm.recompile()
+    by_path = {d.path: d for d in decisions}
+    assert by_path["1"].rewritten and by_path["1"].sizes == (8, 8), "block_sizes sizes one block on its own"
+    assert by_path["4"].decline is Decline.USER_SKIP and by_path["4"].skip_pattern == "4"
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), MGICBlock)]
+    assert [str(n.target) for n in calls] == [d.module for d in decisions if d.rewritten] == ["1"]
+    assert gm(torch.randn(2, 3, 8, 8)).shape == (2, 4, 8, 8)
