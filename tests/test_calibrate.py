@@ -437,3 +437,58 @@ def test_mgicify_init_calibrate_runs_the_pass(monkeypatch):
         gm = mt.mgicify(model, x[:2], group_size=4, coarsest_width=4, rule="compact", init="calibrate", calibration=x)
     fits = [d.fit for d in mt.plan_of(gm).rewritten]
     assert len(fits) == 3 and all(f.samples == 48 and f.steps == 10 and f.error_after < f.error_before for f in fits)
+
+
+class Mixer(nn.Module):
+    """Channels-last residual MLP blocks (Linear / LayerNorm): the closed form's linear path."""
+
+    def __init__(self, c: int = 32) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, c)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.LayerNorm(c), nn.Linear(c, c), nn.ReLU(), nn.Linear(c, c))
+                                     for _ in range(2)])
+        self.head = nn.Linear(c, 3)
+
+    def forward(self, x):
+        x = self.inp(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x.mean(1))
+
+
+class Strided(nn.Module):
+    """A width- and stride-changing residual block between two plain ones (``transitions=True``: a connector)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, 16, 3, padding=1)
+        self.down = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                                  nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32))
+        self.short = nn.Conv2d(16, 32, 1, stride=2)
+        self.after = Block(32, 2)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(self.down(x) + self.short(x))
+        return self.head(self.after(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("kind,steps,factor", [("linear", 30, 0.8), ("transition", 80, 0.9)])
+def test_linear_blocks_and_transition_blocks_are_fitted(kind, steps, factor):
+    """Linear layers go through the closed form's linear path; a transition block (fresh connector and levels,
+    no closed form) is fitted by Adam alone, more slowly."""
+    torch.manual_seed(0)
+    model = (Mixer() if kind == "linear" else Strided()).eval()
+    x = torch.randn(96, 5, 6) if kind == "linear" else torch.randn(96, 2, 6, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = mt.mgicify(model, x[:2], group_size=4, coarsest_width=8, rule="compact", init="inherit",
+                        transitions=kind == "transition")
+    plan = mt.plan_of(gm)
+    if kind == "transition":
+        assert any(d.kind == "transition" for d in plan.rewritten)
+    mt.calibrate(gm, model, x, steps=steps, progress=False)
+    fits = [d.fit for d in mt.plan_of(gm).rewritten]
+    assert len(fits) >= 2 and all(f.error_after < factor * f.error_before for f in fits), fits
+    gm.graph.lint()

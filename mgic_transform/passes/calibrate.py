@@ -21,34 +21,45 @@ The order is BRECQ's: the input comes from the *transformed* network, so block k
 learns to correct what blocks ``1 .. k-1`` still get wrong instead of errors piling
 up, and the target from the *original*, so nothing drifts from the trained model.
 
-How one block is fitted (measured in ``benchmarks/compress_trained.py``)
-    1. *BatchNorm statistics.* Every BatchNorm of the block (the levels' own and the
-       correction norms ``N_j``) gets running statistics re-estimated on ``X_k``
-       (train-mode forwards, cumulative average): the inherited ones describe the
-       trained layers, not the levels' block-diagonal and restricted ones.
+How one block is fitted (each choice measured in ``benchmarks/compress_trained.py``)
+    0. *Closed form for the finest level* (``least_squares=True``). The finest level is
+       the block itself with grouped layers, and with ``N_0 = 0`` it is the whole MGIC
+       block at the start. Each of its conv/linear layers, in graph order, is solved
+       in closed form against the output of the same layer of the original on the same
+       samples (He et al. 2017's channel reconstruction, per group: ridge-regularised
+       least squares over ``(in / G) * kernel`` features, inputs taken from the level
+       as it runs, so earlier solved layers are accounted for). The finest level's
+       norms are left as they are: the solved layers were fitted through them.
+    1. *BatchNorm statistics.* Every other BatchNorm of the block (the coarse levels'
+       and the correction norms ``N_j``) gets running statistics re-estimated on
+       ``X_k`` (train-mode forwards, cumulative average): the inherited ones describe
+       the trained layers, not the levels' block-diagonal and restricted ones.
     2. *Adam on the block's output*, in eval mode (each BatchNorm a fixed per-channel
        affine map), minimising ``||MGIC_k(x) - y||^2 / mean ||y||^2`` over random
        mini-batches of the cached set, ``steps`` steps with a cosine-decayed learning
-       rate. Every parameter of the block learns: the levels, ``R_j``, ``P_j``, and
-       ``N_j``, whose weight starts at 0 under ``init="inherit"`` (its gradient is
-       not zero: the normalised input is not), which switches the coarse
-       corrections on as far as they help.
-    3. *Statistics refit.* After the fit, the BatchNorms' statistics are re-estimated
-       on ``X_k`` once more and each affine weight/bias is compensated
-       (``w' = w s'/s``, ``b' = b + w (m' - m)/s``, ``s = sqrt(var + eps)``), so the
-       eval-mode function is exactly the fitted one, and a train-mode fine-tuning
-       that follows normalises with statistics that fit the data: it starts from
-       the calibrated network instead of destroying it at the first step.
+       rate (peak 1e-2: 3e-3 and 3e-2 fitted worse). Every parameter of the block
+       learns: the levels, ``R_j``, ``P_j``, and ``N_j``, whose weight starts at 0
+       under ``init="inherit"`` (its gradient is not zero: the normalised input is
+       not), which switches the coarse corrections on as far as they help.
+    3. *Statistics refit.* After the fit every norm's running statistics are set to
+       the statistics of its input as the fitted block runs, and its affine
+       weight/bias compensated (``w' = w s'/s``, ``b' = b + w (m' - m)/s``,
+       ``s = sqrt(var + eps)``): the eval-mode function is exactly the fitted one,
+       and a train-mode fine-tuning that follows normalises with batch statistics
+       close to the running ones, so it starts from the calibrated network instead
+       of losing it at the first step.
 
 Memory
     The calibration inputs are read once (at most ``max_samples`` samples) and kept.
     Then one block at a time: the block's inputs ``X_k`` and targets ``Y_k`` for the
     whole calibration set are cached, ``max_samples x (c_in + c_out) x spatial`` values
     (1,024 samples of a 64-channel 32x32 block: 2 x 256 MiB in float32; ResNet-50's
-    ``layer1`` at 224x224: 2 x 3.3 GiB, so use fewer samples there), and freed before
-    the next block. Activations are computed batch by batch (``batch_size``), by running
-    the transformed network up to block ``k``'s input and the original up to block
-    ``k``'s exit, never the whole set's activations of every block.
+    ``layer1`` at 224x224: 2 x 3.1 GiB, so use fewer samples there), plus, for the
+    closed form, the original's output of every solved layer (one more such tensor
+    per conv/linear layer of the block), all freed before the next block.
+    Activations are computed batch by batch (``batch_size``), by running the
+    transformed network up to block ``k``'s input and the original up to block
+    ``k``'s exit: never the whole set's activations of every block.
 
 What is not touched
     ``original`` never changes: it is run as a private copy of its module tree
@@ -618,6 +629,9 @@ def calibrate(gm: torch.fx.GraphModule, original: nn.Module, data: Any, *, steps
             this many samples are held in memory at a time.
         seed: fixes the mini-batch draws: the same seed gives the same weights.
             The global RNG state is left as it was.
+        least_squares: first solve the finest level's conv/linear layers in closed form
+            against the original's layers (step 0 of the module docstring); ``False``:
+            Adam alone.
         progress: one line per block on stderr (path, k/K, error before -> after,
             seconds); ``None`` (default): when stderr is a terminal; a callable
             receives the lines instead.
