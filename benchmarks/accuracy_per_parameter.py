@@ -72,7 +72,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "examples"))
-from _common import code_version, load_line, machine_line  # noqa: E402
+from _common import code_version, load_line, preamble  # noqa: E402
 from models import cifar_resnet  # noqa: E402
 
 import mgic_transform as mt  # noqa: E402
@@ -590,11 +590,11 @@ def report(args: argparse.Namespace, wall: float, load_start: str) -> str:
     allpts = points(cache, args.tasks, args.quick, args.seeds)
     pts = [p for p in allpts if (p.arm == "tune") == args.tune]
     cmd = "python benchmarks/accuracy_per_parameter.py " + " ".join(sys.argv[1:])
-    lines = [f"# Accuracy per parameter: MGIC vs thin and pruned baselines{' (tune)' if args.tune else ''}", "",
-             f"Command: `{cmd.strip()}`  ", f"{args.version} (at the start of this invocation); mgicify rule= supported: {RULE_SUPPORTED}  ",
-             f"Machine: {machine_line()}; each run single-threaded, {args.workers} worker process(es)  ",
-             f"Load at start: {load_start}; at the end: {load_line()}; wall time of this invocation {wall / 60:.1f} min "
-             f"(cached points are not re-run)  ", f"Seeds: {args.seeds}", ""]
+    title = f"Accuracy per parameter: MGIC vs thin and pruned baselines{' (tune)' if args.tune else ''}"
+    lines = preamble(title, load_start) + [
+        f"- command: `{cmd.strip()}`; mgicify rule= supported: {RULE_SUPPORTED}",
+        f"- each run single-threaded, {args.workers} worker process(es); wall time of this invocation "
+        f"{wall / 60:.1f} min (cached points are not re-run); seeds: {args.seeds}", ""]
     lines += ["## Recipe (shared by every arm)", ""]
     for name in args.tasks:
         t = get_task(name, args.quick)

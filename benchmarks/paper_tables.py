@@ -37,7 +37,7 @@ import torchvision
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
-from _common import code_version, emit, load_line, machine_line  # noqa: E402
+from _common import emit, load_line, preamble  # noqa: E402
 from models import resnet56  # noqa: E402
 
 import mgic_transform as mt  # noqa: E402
@@ -137,11 +137,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     warnings.simplefilter("ignore")
-    lines = [
-        "# The paper's tables, rebuilt by `mgicify` (all with `transitions=True`)",
-        "",
-        f"- machine: {machine_line()}; {load_line()}",
-        f"- code: {code_version()}",
+    lines = preamble("The paper's tables, rebuilt by `mgicify` (all with `transitions=True`)", load_line()) + [
         "- command: `python benchmarks/paper_tables.py --write --why`",
         "- params exact; FLOPs by fvcore at 1x3x224x224 (CIFAR: 1x3x32x32), 1 multiply-add = 1 FLOP",
         "- *authors' code*: counts of the authors' released networks as instantiated (fvcore, 224 px), "

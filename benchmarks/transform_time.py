@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import code_version, emit, load_line, machine_line, median  # noqa: E402
+from _common import emit, load_line, machine_line, median, preamble  # noqa: E402
 
 import mgic_transform as mt  # noqa: E402
 
@@ -166,14 +166,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             del gm
             print(f"  repeat {r + 1}/{repeats}: {d} blocks {times[d][-1]:.2f} s", file=sys.stderr, flush=True)
 
-    out = [
-        "# mgicify time vs depth (synthetic equal-width ResNet)",
-        "",
+    out = preamble("mgicify time vs depth (synthetic equal-width ResNet)", started) + [
         f"- net: stem conv, N x [conv3x3-bn-relu-conv3x3-bn + identity, relu] at width {args.width}, pool, linear; "
         f"input 1x3x32x32; group_size={args.group_size}, coarsest_width={args.coarsest_width or args.group_size}",
-        f"- machine: {machine_line()}",
-        f"- code: {code_version()}",
-        f"- load: {started} at start, {load_line()} at end",
         f"- seconds: median of {repeats} interleaved runs of `mgicify()` (model construction excluded; "
         "one untimed warm-up call on a 10-block net first)",
         "",

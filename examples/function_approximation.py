@@ -41,7 +41,7 @@ Scaled down (the paper: 10M points, 1,000 epochs of SGD, lr 1e-4, batch 20,000, 
 How to run
     python examples/function_approximation.py                   # c_max 32 64 128, 4 arms, one seed, ~10 minutes on 2 cores
     python examples/function_approximation.py --quick           # smoke run (< 1 minute)
-    python examples/function_approximation.py --write-results   # + examples/results/function_approximation.{md,png}
+    python examples/function_approximation.py --write           # + examples/results/function_approximation.{md,png}
     python examples/function_approximation.py --paper-ranges --epochs 50 --seeds 0 1 2
     python examples/function_approximation.py --rules paper --no-thin   # only the original and the default rule
 
@@ -66,6 +66,8 @@ import mgic_transform
 from mgic_transform.report import count_flops, count_params
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _common import load_line, preamble  # noqa: E402  (benchmarks/_common.py: machine, commit, load)
 from models import FunctionApproxNet  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -102,8 +104,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="with one seed, relative MSE differences below this count as a tie in the verdict")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all available cores); on a shared, busy machine use 1: idle-waiting OpenMP threads make 2 threads up to 10x slower there")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test")
-    p.add_argument("--write-results", action="store_true", help=f"write {RESULTS_DIR}/function_approximation.{{md,png}}")
-    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where --write-results writes")
+    p.add_argument("--write", "--write-results", dest="write_results", action="store_true",
+                   help=f"write {RESULTS_DIR}/function_approximation.{{md,png}}")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where --write writes")
     args = p.parse_args(argv)
     if args.paper_ranges:
         args.c_range = list(PAPER_C_RANGE)
@@ -352,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(max(1, args.threads or cores))
-    wall = time.perf_counter()
+    wall, started = time.perf_counter(), load_line()
     c_range = tuple(args.c_range)
     data = make_data(args.samples, args.test_fraction, c_range)
     (x_train, _), (x_test, y_test) = data
@@ -413,9 +416,9 @@ def main(argv: list[str] | None = None) -> int:
                  f"{'' if c_range == PAPER_C_RANGE else ' (paper: [10, 20])'}, {args.epochs} epochs\n{mg}")
         plot(rows, trivial, png, title)
         cmd = "python examples/function_approximation.py " + " ".join(sys.argv[1:])
+        head = "\n".join(preamble("Function approximation (paper Sec. 4.2): MobileNetV3 blocks vs mgicify()", started))
         md.write_text(
-            "# Function approximation (paper Sec. 4.2): MobileNetV3 blocks vs mgicify()\n\n"
-            f"Command: `{cmd.strip()}`  \n{family}.  \n"
+            f"{head}\n\nCommand: `{cmd.strip()}`  \n{family}.  \n"
             f"{len(x_train)} train / {len(x_test)} test points, {args.epochs} epochs, batch {args.batch_size}, Adam "
             f"(one-cycle, peak lr {args.lr}), seeds {args.seeds}, depthwise kernel {args.dw_kernel}, SE {args.se}; "
             f"{torch.get_num_threads()} thread(s); total wall time {total:.0f} s.  \n"

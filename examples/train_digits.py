@@ -17,7 +17,7 @@ How to run
     python examples/train_digits.py                      # ResNet-20, seeds 0 1 2 (a few minutes on 2 cores)
     python examples/train_digits.py --depth 56 --seeds 0 1 2 3 4
     python examples/train_digits.py --quick              # tiny smoke run (< 1 minute)
-    python examples/train_digits.py --write-results      # also writes examples/results/digits.md
+    python examples/train_digits.py --write              # also writes examples/results/digits.md
     torchrun --standalone --nproc_per_node=2 examples/train_digits.py   # DistributedDataParallel (gloo, CPU)
 
 Data: a fixed stratified 75/25 train/test split (``random_state=0``, independent of the
@@ -48,6 +48,8 @@ import mgic_transform
 from mgic_transform.report import count_flops, count_params
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _common import load_line, preamble  # noqa: E402  (benchmarks/_common.py: machine, commit, load)
 from models import cifar_resnet  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -73,8 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", choices=("original", "mgic"), default=["original", "mgic"])
     p.add_argument("--threads", type=int, default=None, help="torch threads in total (default: all available cores, split across processes); on a shared, busy machine use 1: idle-waiting OpenMP threads make 2 threads up to 10x slower there")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test: 1 seed, 1 epoch, 256 training images")
-    p.add_argument("--write-results", action="store_true", help=f"write the table to {RESULTS_DIR / 'digits.md'}")
-    p.add_argument("--results-file", type=Path, default=RESULTS_DIR / "digits.md", help="where --write-results writes")
+    p.add_argument("--write", "--write-results", dest="write_results", action="store_true",
+                   help=f"write the table to {RESULTS_DIR / 'digits.md'}")
+    p.add_argument("--results-file", type=Path, default=RESULTS_DIR / "digits.md", help="where --write writes")
     args = p.parse_args(argv)
     args.train_limit = None
     if args.quick:
@@ -269,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     d = Dist()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(max(1, (args.threads or cores) // d.world))
-    wall = time.perf_counter()
+    wall, started = time.perf_counter(), load_line()
 
     data = load_data(args.image_size, args.in_channels)
     if args.train_limit:
@@ -313,9 +316,10 @@ def main(argv: list[str] | None = None) -> int:
         cmd = "python examples/train_digits.py " + " ".join(sys.argv[1:])
         if d.enabled:
             cmd = f"torchrun --nproc_per_node={d.world} " + cmd[len("python ") :]
+        head = "\n".join(preamble(f"Digits (sklearn, 8x8 upsampled to {args.image_size}x{args.image_size}): "
+                                   f"{base} vs mgicify()", started))
         args.results_file.write_text(
-            f"# Digits (sklearn, 8x8 upsampled to {args.image_size}x{args.image_size}): {base} vs mgicify()\n\n"
-            f"Command: `{cmd.strip()}`  \n"
+            f"{head}\n\nCommand: `{cmd.strip()}`  \n"
             f"{len(xt)} train / {len(xs)} test images (fixed stratified split), {args.epochs} epochs, "
             f"global batch {args.batch_size}, SGD+Nesterov, one-cycle lr {args.lr}, weight decay "
             f"{args.weight_decay}, +-2 px shifts; seeds {args.seeds}; shortcut {args.shortcut}; "

@@ -92,14 +92,14 @@ def test_function_approx_net_thin_scales_every_width():
 @pytest.mark.parametrize("script", ["train_digits.py", "function_approximation.py"])
 def test_help(script):
     out = run([str(EXAMPLES / script), "--help"], timeout=120)
-    assert "--quick" in out and "--write-results" in out
+    assert "--quick" in out and "--write" in out
 
 
 @pytest.mark.slow
 def test_train_digits_quick(tmp_path):
     results = tmp_path / "digits.md"
     out = run([str(EXAMPLES / "train_digits.py"), "--quick", "--threads", "1",
-               "--write-results", "--results-file", str(results)])
+               "--write", "--results-file", str(results)])
     assert "epoch  1/1" in out  # progress lines
     rows = table_rows(out)
     assert [r[0] for r in rows] == ["ResNet-20", "MGIC-ResNet-20 (s_g=8, s_c=16)"]
@@ -127,7 +127,7 @@ def test_function_approximation_quick(tmp_path):
     try:
         import matplotlib  # noqa: F401  (the plot is optional: matplotlib is an "examples" extra)
 
-        args += ["--write-results", "--results-dir", str(tmp_path)]
+        args += ["--write", "--results-dir", str(tmp_path)]
     except ImportError:
         matplotlib = None
     out = run(args)
