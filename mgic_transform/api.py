@@ -186,70 +186,47 @@ def mgicify(
     calibration: Any = None,
     options: Optional[MGICOptions] = None,
 ) -> torch.fx.GraphModule:
-    """Rewrite the equal-width blocks of ``model`` into multigrid-in-channels blocks.
+    """Rewrite the equal-width blocks of ``model`` into multigrid-in-channels blocks (paper Algorithm 1).
 
-    The model is traced with ``torch.fx``; blocks are found from the graph's
-    structure (see :mod:`mgic_transform.passes.blocks`) and each one becomes an
-    :class:`~mgic_transform.MGICBlock` (paper Algorithm 1). ``model`` itself is
-    never modified: the result owns copies of every layer it keeps.
+    The model is traced with ``torch.fx``, its blocks are found from the graph's structure
+    (:mod:`mgic_transform.passes.blocks`) and each becomes an :class:`~mgic_transform.MGICBlock`.
+    ``model`` is never modified. Every keyword is a field of :class:`~mgic_transform.MGICOptions`
+    (pass ``options=`` instead, not both); its docstring has the details.
 
     Args:
         model: any ``nn.Module`` that ``torch.fx`` can trace.
-        example_inputs: a tensor or tuple of tensors with the shape the model
-            expects. Only shapes are used (fake tensors, no compute). Inferred
-            from the first layer when omitted (``Conv2d(3, ...)`` -> ``1x3x224x224``).
-        group_size: ``s_g``, channels per group in the grouped fine levels (default 32).
-        coarsest_width: ``s_c``, the width of the coarsest, fully coupled level
-            (see ``rule``). Defaults to ``group_size`` (the paper's usual ``s_c = s_g``).
+        example_inputs: a tensor or tuple of tensors of the shape the model expects (only
+            shapes are used); inferred from the first layer when omitted (``Conv2d(3, ...)``
+            -> ``1x3x224x224``).
+        group_size, coarsest_width: ``s_g`` (channels per group on the fine levels, default 32)
+            and ``s_c`` (the coarsest, fully coupled level; default ``s_g``).
         skip: glob patterns over module paths (``"layer4.*"``) of blocks to leave alone.
-        transitions: also rewrite width-changing blocks (paper Sec. 3.3: a
-            depthwise 3x3 connector to the new width, then an MGIC block). Not
-            given: ``False``, except that a budget search tries ``True`` when the
-            target cannot be met without it.
-        rule: how a block's levels are chosen (:mod:`mgic_transform.hierarchy`).
-            ``"paper"`` (default) follows the authors' code and reproduces the
-            paper's tables: levels halve the block's *narrowest* width (a
-            bottleneck's inner width) and every layer of level ``j`` gets
-            ``m_j / s_g`` groups. ``"compact"`` halves the outer width and groups
-            by ``c_j / s_g``: much smaller networks than the paper's.
-        target_params, target_flops: compress to a budget instead of fixed sizes:
-            the largest network whose parameters (or FLOPs at the example input, as
-            :func:`~mgic_transform.compare` counts them) are at most this fraction of
-            the original's. The sizes are chosen by :mod:`mgic_transform.budget`, per
-            block where that fills the budget better; ``plan_of(gm).budget`` records the
-            target and the ratio achieved, ``plan_of(gm).options`` the sizes.
-        leaf_modules: module classes or path patterns that ``torch.fx`` should not
-            trace into (the escape hatch for data-dependent control flow).
-        concrete_args: passed to ``torch.fx.Tracer.trace`` to fix Python-level arguments.
-        init: ``"scratch"`` (default): every level of an MGIC block starts from fresh
-            weights. ``"calibrate"``: compress a *trained* model: the levels start from
-            its weights (``"inherit"``) and every MGIC block is then fitted to
-            reproduce the trained block's output on ``calibration`` data
-            (:func:`mgic_transform.calibrate`; ``BlockDecision.fit`` records the error
-            before and after). ``"inherit"``: the data-free start alone, Galerkin
-            products ``R W P`` of the trained weights (block-diagonal parts at the
-            grouped levels; :mod:`mgic_transform.passes.inherit`); ``BlockDecision.init``
-            records per layer whether it inherited or fell back to scratch, and why.
-        checkpoint: activation checkpointing per MGIC block while training (autograd on):
-            each block keeps only its input and recomputes the rest in the backward
-            pass, trading compute for training memory; BatchNorm running statistics
-            are updated once per step as without it (``nn/checkpointing.py``). Set
-            ``block.checkpoint`` on a single block to choose per block.
-        block_sizes: per-block sizes, ``{"layer4.*": (64, 128)}``: blocks whose path (or a
-            layer's) matches a pattern use that ``(group_size, coarsest_width)``.
-        calibration: with ``init="calibrate"``: input batches of the model's training
-            data (a ``DataLoader`` yielding ``(input, target)`` pairs, a list of batches,
-            or one tensor); at most 1,024 samples are used.
-        options: all of the above as one :class:`~mgic_transform.MGICOptions`, instead of
-            the keywords (not both).
+        transitions: also rewrite width-changing blocks (a depthwise connector, then an MGIC
+            block; paper Sec. 3.3). Not given: off, unless a budget needs it.
+        rule: ``"paper"`` (default: the authors' networks, levels halve a block's narrowest
+            width) or ``"compact"`` (much smaller networks); :mod:`mgic_transform.hierarchy`.
+        target_params, target_flops: a budget instead of sizes: the largest network with at
+            most this fraction of the original's parameters (or FLOPs, as
+            :func:`~mgic_transform.compare` counts them), sized per block
+            (:mod:`mgic_transform.budget`).
+        leaf_modules, concrete_args: what ``torch.fx`` must not trace into, and ``forward()``
+            arguments to fix (the remedies a trace error names).
+        init: ``"scratch"`` (default), ``"calibrate"`` (compress a *trained* model: start from
+            its weights and fit every block to its outputs on ``calibration`` data;
+            :func:`mgic_transform.calibrate`) or ``"inherit"`` (its weights' Galerkin products
+            alone, no data; :mod:`mgic_transform.passes.inherit`).
+        checkpoint: activation checkpointing in every MGIC block (less training memory).
+        block_sizes: ``{"layer4.*": (64, 128)}``: ``(group_size, coarsest_width)`` per block.
+        calibration: with ``init="calibrate"``: inputs of the training data (a ``DataLoader`` of
+            ``(input, target)`` pairs, a list of batches, or one tensor; at most 1,024 used).
+        options: all of the above as one :class:`~mgic_transform.MGICOptions`.
 
     Returns:
-        A trainable ``torch.fx.GraphModule``. :func:`mgic_transform.plan_of` gives its
-        :class:`~mgic_transform.MGICPlan` (also after ``torch.load``): the options it
-        ran with and every candidate block, rewritten or skipped with the reason.
+        A trainable ``torch.fx.GraphModule``; :func:`mgic_transform.plan_of` gives its plan (the
+        options it ran with, every candidate block with its decision), also after ``torch.load``.
 
     Raises:
-        MGICError: on an untraceable model, bad options or unusable example inputs.
+        MGICError: an untraceable model, bad options or unusable inputs, with what to do.
     """
     opts = _options(options, dict(
         group_size=group_size, coarsest_width=coarsest_width, skip=skip, transitions=transitions, rule=rule,
