@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import code_version, emit, interleaved, load_line, machine_line, median  # noqa: E402
+from _common import emit, interleaved, load_line, machine_line, median, preamble  # noqa: E402
 
 from mgic_transform.nn.transfer import PointwiseConv2d  # noqa: E402
 
@@ -99,11 +99,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     rounds = args.rounds or (3 if args.quick else 9)
     shapes = SHAPES[:2] if args.quick else SHAPES
     started = load_line()
-    out = ["# Grouped 1x1 convolution: F.conv2d vs PointwiseConv2d's batched matmul", ""]
+    out: list[str] = []
     for threads in args.threads:
         torch.set_num_threads(threads)
         print(f"# {machine_line()}; {load_line()}", file=sys.stderr)
-        out += [f"## {threads} intra-op thread(s)", "", f"- machine: {machine_line()}",
+        out += [f"## {threads} intra-op thread(s)", "",
                 f"- batch {args.batch}; ms, median of {rounds} interleaved rounds; fwd = forward under inference_mode, "
                 "fwd+bwd = forward + gradients of input and weight", "",
                 "| shape (in -> out, groups, HxW) | conv fwd | matmul fwd | conv fwd+bwd | matmul fwd+bwd | "
@@ -122,8 +122,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             out.append(row)
             print(row, file=sys.stderr, flush=True)
         out.append("")
-    out += [f"- code: {code_version()}", f"- load: {started} at start, {load_line()} at end"]
-    md = "\n".join(out) + "\n"
+    md = "\n".join([*preamble("Grouped 1x1 convolution: F.conv2d vs PointwiseConv2d's batched matmul", started), "",
+                    *out]) + "\n"
     emit(md, RESULTS / "grouped_pointwise.md" if args.write else None)
     return 0
 

@@ -9,7 +9,7 @@ shared machine), which makes them the metric to develop against.
 
 Counted: ``aten::`` events of ``torch.profiler`` (nested events included, e.g. ``bmm`` and the
 two ``resolve_conj`` it calls) for one forward at batch 1 in eval mode under ``no_grad``, the
-issue's setting; also under ``inference_mode``, with every eval BatchNorm folded
+setting of the target; also under ``inference_mode``, with every eval BatchNorm folded
 (``mt.fold_batchnorm`` on both networks), and for one training forward+backward (train mode,
 batch 2, no optimizer step).
 
@@ -48,7 +48,7 @@ from mgic_transform.nn import MGICBlock  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 CASES = {"resnet50": (32, 64), "mobilenet_v3_large": (8, 16)}  # model -> (group_size, coarsest_width)
 LEVEL_BUDGET = 19  # aten ops per fine level, no_grad, batch 1: R_j 5 + P_j 5 + N_j 7 (eval BatchNorm) + sub_ + add_
-RATIO_TARGET = 3.0  # issue 20: MGIC ResNet-50 forward at most 3x the original's aten ops (batch 1, no_grad)
+RATIO_TARGET = 3.0  # the MGIC ResNet-50 forward at most 3x the original's aten ops (batch 1, no_grad)
 
 
 def aten_ops(fn: Callable[[], object]) -> Counter:
@@ -187,7 +187,7 @@ def main(argv: Optional[list[str]] = None) -> int:
            "- counted: `aten::` events of `torch.profiler` in one call (nested ones too), input 224x224; "
            "deterministic for a given torch version, so no repeats",
            f"- per-level budget: {LEVEL_BUDGET} aten ops of machinery per fine level (R_j 5, P_j 5, N_j 7, "
-           "residual 1, correction 1; before issue 20: R_j 17, P_j 17, N_j 10, 1, 1 = 46); the issue's target: the "
+           "residual 1, correction 1; before this round: R_j 17, P_j 17, N_j 10, 1, 1 = 46); the target: the "
            "MGIC ResNet-50 forward at most "
            f"{RATIO_TARGET:.0f}x the original's",
            "", "## Totals", "", *summary_rows(results)]

@@ -3,10 +3,11 @@
 ``torch.matmul(w[G, o, i], x[N, G, i, P])`` broadcasts the weight over the batch
 by materialising ``w.expand(N, G, o, i)`` (``aten::copy_``, one per grouped 1x1
 layer call: ~10% of the MGIC ResNet-50's self time in the 2-thread profile,
-``results/profile_network_2threads.md``). ``nn.transfer._grouped_matmul`` runs one
+``results/profile_network_2threads.md``). ``nn.transfer.grouped_pointwise`` runs one
 ``bmm`` per image instead (one image: a single ``bmm``; with autograd on and
 several images it keeps ``matmul``, whose backward needs the expanded weight
-anyway). The math is the same (tests/test_mgic_block.py checks outputs).
+anyway). The "before" variant swaps ``grouped_pointwise`` for the broadcast ``matmul``
+at every batch size. The math is the same (tests/test_mgic_block.py checks outputs).
 
 Measured alone, interleaved in one process, ``inference_mode``:
 
@@ -48,15 +49,25 @@ SHAPES = [(256, 128, 8, 56), (128, 256, 8, 56), (1024, 512, 32, 14), (512, 1024,
           (1024, 2048, 64, 7)]
 
 
+def _broadcast_pointwise(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, dims: int) -> torch.Tensor:
+    """``transfer.grouped_pointwise`` as it was before the per-image ``bmm``: one broadcast ``torch.matmul``, any batch."""
+    groups, o, i = w.shape
+    batch, spatial = x.shape[:-dims - 1], x.shape[-dims:]
+    y = torch.matmul(w, x.reshape(*batch, groups, i, -1))
+    if bias is not None:
+        y = y.add_(bias.view(groups, o, 1))
+    return y.view(*batch, groups * o, *spatial)
+
+
 class broadcast_matmul:
     """Context: every ``PointwiseConv`` forward uses the broadcast ``torch.matmul`` (the code before this change)."""
 
     def __enter__(self) -> None:
-        self.saved = transfer._grouped_matmul
-        transfer._grouped_matmul = torch.matmul
+        self.saved = transfer.grouped_pointwise
+        transfer.grouped_pointwise = _broadcast_pointwise
 
     def __exit__(self, *exc: object) -> None:
-        transfer._grouped_matmul = self.saved
+        transfer.grouped_pointwise = self.saved
 
 
 def timed(variants: dict[str, tuple], x: torch.Tensor, rounds: int) -> dict[str, float]:
@@ -121,12 +132,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     out = [
         *preamble("Ablation: PointwiseConv2d without matmul's per-image weight copy", started),
         "- inference_mode, NCHW; medians of interleaved rounds (before = broadcast `torch.matmul`, now = "
-        "`_grouped_matmul`); outputs checked equal",
+        "`grouped_pointwise`); outputs checked equal",
         "",
         "## Whole network (rule paper; ResNet-50 s_g=32, s_c=64; MobileNetV3-L s_g=8, s_c=16), 224x224",
         "",
         "Three ways to run every grouped 1x1 layer (`PointwiseConv2d`): **before** = broadcast `torch.matmul` (a "
-        "copy of the weight per image), **now** = `_grouped_matmul` (one `bmm` per image), **conv** = PyTorch's "
+        "copy of the weight per image), **now** = `grouped_pointwise` (one `bmm` per image), **conv** = PyTorch's "
         "grouped convolution (oneDNN; `mt.nn.transfer.plain_convs`).",
         "",
         "| network | threads | batch | before ms | now ms | conv ms | now / before | conv / before | load |",

@@ -43,7 +43,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import code_version, emit, interleaved, load_line, machine_line, median  # noqa: E402
+from _common import emit, interleaved, load_line, machine_line, median, preamble  # noqa: E402
 
 import mgic_transform as mt  # noqa: E402
 from mgic_transform.nn.mgic_block import _corrected, _residual, reference_forward  # noqa: E402
@@ -269,11 +269,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ops = op_table(blocks, inputs, reps, top=15)
 
     out = [
-        "# MGICBlock CPU profile: ResNet-50, s_g=32, s_c=64",
-        "",
-        f"- machine: {machine_line()}",
-        f"- code: {code_version()}",
-        f"- load: {started} at start, {load_line()} at end",
+        *preamble("MGICBlock CPU profile: ResNet-50, s_g=32, s_c=64", started),
         f"- batch {args.batch}x3x224x224, eval, inference_mode, "
         f"{'channels_last' if args.channels_last else 'NCHW (contiguous)'}; block times are medians of {rounds} "
         "interleaved rounds on the block's real input",

@@ -33,7 +33,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import code_version, emit, load_line, machine_line  # noqa: E402
+from _common import emit, load_line, preamble  # noqa: E402
 from speed import CASES, FORMATS, inference_fn, train_fn  # noqa: E402
 
 import mgic_transform as mt  # noqa: E402
@@ -125,12 +125,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         shape_rows.append(f"| {k} | {c} | {v:.1f} | {100 * v / total:.1f}% |")
 
     out = [
-        f"# Per-op profile of the whole network: {args.model}, original vs MGIC, {args.threads} thread(s)",
-        "",
-        f"- machine: {machine_line()}",
-        f"- code: {code_version()}",
-        f"- load: {started} at start, {load_line()} at end (a 2-thread op waits at its barrier whenever another job "
-        "holds a core: on a loaded machine these times measure the scheduler as much as the kernels)",
+        *preamble(f"Per-op profile of the whole network: {args.model}, original vs MGIC, {args.threads} thread(s)", started),
+        "- a 2-thread op waits at its barrier whenever another job holds a core: on a loaded machine these times "
+        "measure the scheduler as much as the kernels",
         f"- {args.model}, s_g={s_g}, s_c={s_c}, rule {args.rule}; batch {args.batch}x3x224x224, {args.format}; self CPU time per run, "
         f"averaged over {args.reps} profiled runs after one warm-up",
         "",

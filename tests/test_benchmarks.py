@@ -140,3 +140,42 @@ def test_accuracy_per_parameter_quick_runs_every_arm_and_resumes_from_its_cache(
     assert re.search(r"\[\d+/\d+ ", out)  # progress is printed per finished run
     again = run(args, timeout=900)  # every point is cached: nothing is trained again
     assert re.search(r"(\d+) runs planned, 0 not cached yet", again), again[:500]
+
+
+def test_op_count_quick_keeps_every_level_within_its_budget():
+    """The op counts are deterministic: MobileNetV3-L's MGIC forward stays under 3x the original's aten ops, and every
+    block's machinery under the per-level budget (a regression that adds ops to a level fails here)."""
+    out = run(["benchmarks/op_count.py", "--quick"])
+    (no_grad,) = [r for r in rows(out, "mobilenet_v3_large") if "no_grad" in r[3] and "folded" not in r[3]]
+    orig, mgic = (int(c.replace(",", "")) for c in no_grad[4:6])
+    assert 0 < orig < mgic < 3 * orig and float(no_grad[6]) == pytest.approx(mgic / orig, abs=0.006)
+    budget = int(re.search(r"budget \((\d+)\)", out).group(1))
+    blocks = [r for r in rows(out, "features.") if len(r) == 8]
+    assert len(blocks) == 9  # every rewritten block of MobileNetV3-L (8/16)
+    for r in blocks:
+        levels = [int(v) for v in r[3].split(" / ")]
+        assert int(r[2]) == sum(levels) + int(r[4]) + int(r[5])  # block = levels + connector + machinery
+        assert float(r[6]) <= budget and r[7] == "ok", r
+
+
+def test_compile_inference_quick_compiles_both_variants_of_both_networks():
+    out = run(["benchmarks/compile_inference.py", "--quick"], timeout=900)
+    table = rows(out, "toy")
+    assert {(r[4], r[5]) for r in table} == {(n, v) for n in ("original", "MGIC") for v in ("compile", "freezing")}
+    for r in table:
+        eager, compiled, compile_s = float(r[6]), float(r[7]), float(r[10])
+        assert eager > 0 and compiled > 0 and compile_s > 0
+        assert ratio_matches(r[8], compiled, eager)
+        assert r[4] != "original" or r[9] == "1.00"  # the original is its own baseline
+
+
+def test_deploy_quick_builds_loads_and_times_both_pt2_files():
+    out = run(["benchmarks/deploy.py", "--quick"], timeout=900)
+    table = rows(out, "toy")
+    assert [(r[3], r[4]) for r in table] == [("1", "original"), ("1", "MGIC"), ("3", "original"), ("3", "MGIC")]
+    for r in table:  # one dynamic-batch .pt2 per network serves batch 1 and 3
+        eager, pt2, build_s, mb = float(r[5]), float(r[6]), float(r[9]), float(r[10])
+        assert eager > 0 and pt2 > 0 and build_s > 0 and mb > 0
+        assert ratio_matches(r[7], pt2, eager)
+        assert r[4] != "original" or r[8] == "1.00"
+    assert "## Targets" in out and "- code: commit " in out
