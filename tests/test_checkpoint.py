@@ -72,7 +72,7 @@ def test_recomputation_would_update_running_stats_twice_without_the_restore(monk
     """Guard for the test above: the hazard is real (the restore is what keeps the stats equal)."""
     import contextlib
 
-    monkeypatch.setattr(checkpointing, "_buffers_restored", lambda module: contextlib.nullcontext())
+    monkeypatch.setattr(checkpointing, "_BuffersRestored", lambda module: contextlib.nullcontext())
     plain, ck = _pair()
     _steps(plain.train(), 1), _steps(ck.train(), 1)
     counts = {int(m.num_batches_tracked) for m in ck.modules() if isinstance(m, nn.BatchNorm2d)}

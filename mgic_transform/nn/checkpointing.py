@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -43,15 +42,24 @@ def checkpoint_wanted() -> bool:
     return torch.is_grad_enabled() and not _INSIDE.get()
 
 
-@contextlib.contextmanager
-def _buffers_restored(module: nn.Module) -> Iterator[None]:
-    """Undo whatever the recomputed forward writes into ``module``'s buffers (BatchNorm running statistics)."""
-    saved = [(b, b.clone()) for b in module.buffers()]
-    try:
-        yield
-    finally:
+class _BuffersRestored:
+    """Undo whatever a recomputed forward writes into ``module``'s buffers (BatchNorm running statistics).
+
+    Re-entrant: PyTorch enters the same recomputation context once per recomputation, and a block
+    is recomputed as often as its graph is replayed (``backward(retain_graph=True)`` twice, a
+    gradient penalty with ``create_graph=True``). Each entry snapshots afresh.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.saved: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+
+    def __enter__(self) -> None:
+        self.saved.append([(b, b.clone()) for b in self.module.buffers()])
+
+    def __exit__(self, *exc: object) -> None:
         with torch.no_grad():
-            for buf, value in saved:
+            for buf, value in self.saved.pop():
                 buf.copy_(value)
 
 
@@ -66,4 +74,4 @@ def _inner(block: nn.Module, x: torch.Tensor, overwrite_input: bool) -> torch.Te
 def run_checkpointed(block: nn.Module, x: torch.Tensor, overwrite_input: bool = False) -> torch.Tensor:
     """``block.forward(x)`` under non-reentrant activation checkpointing, buffers kept as one forward leaves them."""
     return checkpoint(_inner, block, x, overwrite_input, use_reentrant=False,
-                      context_fn=lambda: (contextlib.nullcontext(), _buffers_restored(block)))
+                      context_fn=lambda: (contextlib.nullcontext(), _BuffersRestored(block)))
