@@ -54,8 +54,10 @@ def unobserved(*modules: nn.Module) -> bool:
     miss a hooked layer swapped in later). The walk reads ``_modules`` directly:
     ``nn.Module.modules()`` builds a name for every submodule, 3x the cost.
     """
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return False  # under torch.compile the compiler plans memory; probing modes would break the graph
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        # torch.compile plans memory itself (probing modes would break its graph); a torch.jit.trace must
+        # record ops that replay under any grad mode, which out= and in-place writes into inputs do not
+        return False
     if _m._global_forward_hooks or _m._global_forward_pre_hooks or _get_current_dispatch_mode() is not None \
             or torch._C._is_torch_function_mode_enabled():
         return False

@@ -79,10 +79,13 @@ class _PointwiseMixin:
         new parameters, ``torch.func`` substituting tensors: not cached at all), other
         memory (``.data = ...``, ``.to()``, ``share_memory_()``), or a different
         ``requires_grad`` (grad mode toggled, ``requires_grad_(False)``). Never cached under
-        ``torch.compile``, never pickled or deep-copied (``__getstate__``).
+        ``torch.compile`` or ``torch.jit.trace`` (fvcore's FLOP count, ONNX export: a view made
+        before the trace would enter it as a constant, and a view of a parameter that requires
+        grad requires grad even under ``no_grad``, which a trace refuses), never pickled or
+        deep-copied (``__getstate__``).
         """
         w = self.weight
-        if torch.compiler.is_compiling() or type(w) is not nn.Parameter:
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or type(w) is not nn.Parameter:
             return w.view(self.groups, self.out_channels // self.groups, -1)
         grad = w.requires_grad and torch.is_grad_enabled()
         cached = self.__dict__.get("_weight_view")
@@ -111,7 +114,7 @@ def grouped_pointwise(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
     groups, o, i = w.shape
     shape = x.shape
     batch, spatial = shape[:-dims - 1], shape[-dims:]
-    if torch.compiler.is_compiling():  # no branch on the (possibly symbolic) batch size: one matmul
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # no branch on the batch size: one matmul
         y = torch.matmul(w, x.view(*batch, groups, i, -1))
     elif not batch or shape[0] == 1:  # unbatched (C, *spatial), or one image: a plain bmm over the groups
         y = torch.bmm(w, x.view(groups, i, math.prod(spatial)))
@@ -145,9 +148,11 @@ def _grouped_matmul(w: torch.Tensor, xg: torch.Tensor) -> torch.Tensor:
     Under ``torch.compile`` (and ``torch.export``) it is plain ``torch.matmul``: inductor
     plans the broadcast itself, and a Python loop of ``out=`` products traced into the
     graph made the compiled MGIC ResNet-50 slower than eager (batch 8, 2 threads: 367 vs
-    272 ms compiled with ``matmul``; ``benchmarks/results/compile_inference.md``).
+    272 ms compiled with ``matmul``; ``benchmarks/results/compile_inference.md``). Under
+    ``torch.jit.trace`` too: a traced loop would fix the batch size, and the grad mode.
     """
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (w.requires_grad or xg.requires_grad)):
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or (
+            torch.is_grad_enabled() and (w.requires_grad or xg.requires_grad)):
         return torch.matmul(w, xg)
     if xg.dim() == 3:
         return torch.bmm(w, xg)

@@ -225,3 +225,16 @@ def test_b45_a_checkpointed_block_may_be_recomputed_twice():
         penalties.append([p.grad.clone() for p in net.parameters()])
     for a, b in zip(*penalties):
         torch.testing.assert_close(a, b)
+
+
+# B51: after a no_grad forward, fvcore's count (jit.trace) failed: a cached weight view entered the trace as a constant
+def test_b51_tracing_after_an_inference_forward():
+    gm = mt.mgicify(_Tail(), X, group_size=4, coarsest_width=8).eval()
+    with torch.no_grad():
+        gm(X)  # fills PointwiseConv2d's cached (G, o, i) weight views
+    assert mt.compare(_Tail(), gm).flops_after is not None, mt.compare(_Tail(), gm).notes
+    with torch.no_grad():
+        traced = torch.jit.trace(gm, (X,))
+        other = torch.randn(5, 3, 8, 8)  # the trace holds no batch size and no grad mode of the example
+        torch.testing.assert_close(traced(other), gm(other))
+    torch.testing.assert_close(traced(other), gm(other))
