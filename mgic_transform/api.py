@@ -183,6 +183,7 @@ def mgicify(
     init: str = "scratch",
     checkpoint: bool = False,
     block_sizes: Optional[dict[str, tuple[int, int]]] = None,
+    calibration_steps: Optional[int] = None,
     calibration: Any = None,
     options: Optional[MGICOptions] = None,
 ) -> torch.fx.GraphModule:
@@ -209,18 +210,17 @@ def mgicify(
             most this fraction of the original's parameters (or FLOPs, as
             :func:`~mgic_transform.compare` counts them), sized per block
             (:mod:`mgic_transform.budget`).
-        leaf_modules, concrete_args: what ``torch.fx`` must not trace into, and ``forward()``
-            arguments to fix (the remedies a trace error names).
+        leaf_modules, concrete_args: what ``torch.fx`` must not trace into; ``forward()`` arguments to fix.
         init: ``"scratch"`` (default), ``"calibrate"`` (compress a *trained* model: start from
             its weights and fit every block to its outputs on ``calibration`` data;
             :func:`mgic_transform.calibrate`) or ``"inherit"`` (its weights' Galerkin products
             alone, no data; :mod:`mgic_transform.passes.inherit`).
         checkpoint: activation checkpointing in every MGIC block (less training memory).
         block_sizes: ``{"layer4.*": (64, 128)}``: ``(group_size, coarsest_width)`` per block.
+        calibration_steps: with ``init="calibrate"``: optimizer steps per block (default: calibrate's).
         calibration: with ``init="calibrate"``: inputs of the training data (a ``DataLoader`` of
             ``(input, target)`` pairs, a list of batches, or one tensor; at most 1,024 used).
         options: all of the above as one :class:`~mgic_transform.MGICOptions`.
-
     Returns:
         A trainable ``torch.fx.GraphModule``; :func:`mgic_transform.plan_of` gives its plan (the
         options it ran with, every candidate block with its decision), also after ``torch.load``.
@@ -231,7 +231,8 @@ def mgicify(
     opts = _options(options, dict(
         group_size=group_size, coarsest_width=coarsest_width, skip=skip, transitions=transitions, rule=rule,
         target_params=target_params, target_flops=target_flops, leaf_modules=leaf_modules,
-        concrete_args=concrete_args, init=init, checkpoint=checkpoint, block_sizes=block_sizes))
+        concrete_args=concrete_args, init=init, checkpoint=checkpoint, block_sizes=block_sizes,
+        calibration_steps=calibration_steps))
     _check_model(model)
     _check_concrete_args(model, opts.concrete_args)
     _check_calibration(opts, calibration)
@@ -243,7 +244,8 @@ def mgicify(
     if opts.init == "calibrate":
         from .passes.calibrate import calibrate
 
-        calibrate(gm, model, calibration)
+        steps = {} if opts.calibration_steps is None else {"steps": opts.calibration_steps}
+        calibrate(gm, model, calibration, **steps)
     return gm
 
 
@@ -263,7 +265,7 @@ def _options(options: Optional[MGICOptions], keywords: dict[str, Any]) -> MGICOp
 
 
 _FIELDS = {f for f in MGICOptions.__dataclass_fields__}
-_KEYWORD_DEFAULTS = {"skip": (), "leaf_modules": (), "block_sizes": None}
+_KEYWORD_DEFAULTS = {"skip": (), "leaf_modules": (), "block_sizes": None, "calibration_steps": None}
 
 
 def _check_model(model: Any) -> None:

@@ -124,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="\n\n".join(textwrap.fill(paragraph, 79) for paragraph in _EPILOG),
         formatter_class=argparse.RawDescriptionHelpFormatter,  # keep the epilog's paragraphs
     )
+    _model_arguments(p)
+    _transform_arguments(p)
+    _training_arguments(p)
+    _output_arguments(p)
+    return p
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL",
                    help="a Python file (model.py) or a constructor such as torchvision.models.resnet50")
     p.add_argument("--entry", metavar="NAME",
@@ -131,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", metavar="SHAPE", type=parse_shape, action="append",
                    help="example input shape, e.g. 1,3,224,224; repeat for a model with several inputs "
                         "(default: inferred from the first layer, e.g. Conv2d(3, ...) -> 1,3,224,224)")
+    p.add_argument("--leaf-module", metavar="PATTERN", action="append", default=None,
+                   help="keep a module whole (torch.fx does not trace into it): a class (pkg.mod.Class, or the "
+                        "name of a class the model uses) or a module path glob (backbone.head.*); repeatable")
+
+
+def _transform_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", metavar="N", type=_positive_int, default=None,
                    help="channels per group in the grouped fine levels, s_g (default: 32)")
     p.add_argument("--coarsest-width", metavar="N", type=_positive_int, default=None,
@@ -149,11 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="choose the sizes for at most this fraction of the original's parameters, e.g. 0.3")
     budget.add_argument("--target-flops", metavar="RATIO", type=_fraction, default=None,
                         help="choose the sizes for at most this fraction of the original's multiply-adds, e.g. 0.5")
-    p.add_argument("--leaf-module", metavar="PATTERN", action="append", default=None,
-                   help="keep a module whole (torch.fx does not trace into it): a class (pkg.mod.Class, or the "
-                        "name of a class the model uses) or a module path glob (backbone.head.*); repeatable")
     p.add_argument("--transitions", action="store_true",
                    help="also rewrite width-changing blocks (depthwise 3x3 connector + MGIC block)")
+
+
+def _training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", choices=("scratch", "inherit", "calibrate"), default=None,
                    help="'scratch' (default): fresh weights in every MGIC block; 'calibrate' (the default with "
                         "--calibrate): start from MODEL's trained weights and fit every block to MODEL's outputs "
@@ -162,9 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", metavar="FILE", default=None,
                    help="calibration data for a trained MODEL: a .pt file holding a tensor of inputs, or an "
                         "(inputs, targets) tuple (torch.save); at most 1,024 inputs are used")
+    p.add_argument("--calibration-steps", metavar="N", type=int, default=None,
+                   help="with --calibrate: optimizer steps per block (default: mgic_transform.calibrate's; fewer is "
+                        "faster, 0 fits only BatchNorm statistics and the closed-form layers)")
     p.add_argument("--checkpoint", action="store_true",
                    help="activation checkpointing per MGIC block: less training memory, one more forward per step")
 
+
+def _output_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--export", action="store_true",
+                   help="also write DIR/<name>_mgic.pt2: the network with BatchNorms folded, compiled ahead of time "
+                        "(torch.export + AOTInductor, any batch size); load it with mgic_transform.load_pt2(path) "
+                        "without recompiling. Compiling takes minutes for a large network")
     p.add_argument("--output-dir", metavar="DIR", default=DEFAULT_OUTPUT_DIR,
                    help=f"where to write the model and the report (default: ./{DEFAULT_OUTPUT_DIR}, created if missing)")
     p.add_argument("--format", choices=FORMATS, default="text",
@@ -173,7 +196,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="status lines with timings on stderr (default: on; --no-progress silences them)")
     p.add_argument("--debug", action="store_true", help="show tracebacks and all warnings")
-    return p
 
 
 # --------------------------------------------------------------------------- finding the model
@@ -380,12 +402,13 @@ def output_name(spec: str) -> str:
     return spec.replace(":", ".").rsplit(".", 1)[-1]
 
 
-def output_paths(output_dir: Path, name: str) -> dict[str, Path]:
-    return {
+def output_paths(output_dir: Path, name: str, export: bool = False) -> dict[str, Path]:
+    paths = {
         "model": output_dir / f"{name}_mgic.pt",
         "json": output_dir / f"{name}_mgic_report.json",
         "markdown": output_dir / f"{name}_mgic_report.md",
     }
+    return {**paths, "pt2": output_dir / f"{name}_mgic.pt2"} if export else paths
 
 
 # --------------------------------------------------------------------------- running
@@ -501,7 +524,7 @@ def options_from_args(args: argparse.Namespace, leaves: tuple = ()) -> Any:
         return MGICOptions(group_size=args.group_size, coarsest_width=args.coarsest_width, skip=tuple(args.skip or ()),
                            transitions=True if args.transitions else None, rule=args.rule,
                            target_params=args.target_params, target_flops=args.target_flops, leaf_modules=leaves,
-                           init=init, checkpoint=args.checkpoint)
+                           init=init, checkpoint=args.checkpoint, calibration_steps=args.calibration_steps)
     except ConfigError as exc:
         raise CLIError(first_line(exc)) from exc
 
@@ -579,7 +602,7 @@ def _save(obj_writer: Callable[[Path], None], path: Path) -> None:
 
 def _run(args: argparse.Namespace, progress: _Progress) -> int:
     out_dir = Path(args.output_dir)
-    paths = output_paths(out_dir, output_name(args.model))
+    paths = output_paths(out_dir, output_name(args.model), export=args.export)
     existing = [str(p) for p in paths.values() if p.exists()]
     if existing and not args.force:
         raise CLIError(f"{existing[0]} already exists; pass --force to overwrite it or choose another --output-dir")
@@ -589,6 +612,8 @@ def _run(args: argparse.Namespace, progress: _Progress) -> int:
     with contextlib.redirect_stdout(sys.stderr):
         gm, report = _transform_and_compare(args, progress)
     _write_outputs(gm, report, out_dir, paths, progress)
+    if args.export:
+        _export(gm, paths["pt2"], progress)
     rendered = {"text": str, "markdown": lambda r: r.to_markdown(), "json": lambda r: r.to_json()}[args.format](report)
     print(rendered.rstrip("\n"))
     print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
@@ -636,6 +661,24 @@ def _write_outputs(gm: Any, report: Any, out_dir: Path, paths: dict[str, Path], 
         _remove(written, out_dir if created else None)
         raise CLIError(f"cannot save the transformed model: {type(exc).__name__}: {first_line(exc)}; the model "
                        f"holds an object pickle cannot save (a lambda, a local class or a hook)") from exc
+
+
+def _export(gm: Any, path: Path, progress: _Progress) -> None:
+    """``--export``: the ``.pt2`` beside the ``.pt`` (BatchNorms folded, AOTInductor, any batch size)."""
+    from .deploy import export_pt2
+    from .errors import MGICError
+    from .plan import plan_of
+
+    inputs = plan_of(gm).example_inputs
+    with progress.step(f"compiling {path.name} ahead of time (AOTInductor)"):
+        try:
+            export_pt2(gm, inputs, path)
+        except MGICError as exc:
+            raise CLIError(f"cannot export the model: {first_line(exc)}", EXIT_UNTRANSFORMABLE) from exc
+        except Exception as exc:  # noqa: BLE001 - export failures of torch: one line, not a traceback
+            path.unlink(missing_ok=True)
+            raise CLIError(f"cannot export the model: {type(exc).__name__}: {first_line(exc)} (the .pt and the "
+                           f"report are written; rerun with --debug for the traceback)", EXIT_UNTRANSFORMABLE) from exc
 
 
 def _show_warnings(caught: Sequence[warnings.WarningMessage], debug: bool) -> None:

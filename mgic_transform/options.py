@@ -67,6 +67,15 @@ def _ratio(name: str, given: Any) -> Optional[float]:
                       f"Hint: {name}=0.3 keeps at most 30%.")
 
 
+def _steps(given: Any) -> Optional[int]:
+    value = _as_number(given)
+    if value is None:
+        return None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= 0:
+        return int(value)
+    raise ConfigError(f"calibration_steps must be a whole number >= 0, got {given!r}. Hint: calibration_steps=100.")
+
+
 def _bool(name: str, value: Any, *, allow_none: bool = False) -> Optional[bool]:
     if value is None and allow_none:
         return None
@@ -155,6 +164,9 @@ class MGICOptions:
         block_sizes: per-block ``(pattern, group_size, coarsest_width)``: a block whose path
             matches a pattern (first match wins) uses those sizes instead of the global ones.
             The budget search fills it with one exact path per block.
+        calibration_steps: with ``init="calibrate"``, optimizer steps per block (``None``: the
+            default of :func:`mgic_transform.calibrate`; 0: BatchNorm statistics and the
+            closed-form fit only).
     """
 
     group_size: Optional[int] = None
@@ -169,6 +181,7 @@ class MGICOptions:
     init: str = "scratch"
     checkpoint: bool = False
     block_sizes: tuple[tuple[str, int, int], ...] = ()
+    calibration_steps: Optional[int] = None
 
     def __post_init__(self) -> None:
         values = {
@@ -182,6 +195,7 @@ class MGICOptions:
             "concrete_args": _concrete_args(self.concrete_args),
             "checkpoint": _bool("checkpoint", self.checkpoint),
             "block_sizes": _block_sizes(self.block_sizes),
+            "calibration_steps": _steps(self.calibration_steps),
         }
         for name, value in values.items():
             object.__setattr__(self, name, value)
@@ -252,4 +266,5 @@ class MGICOptions:
             "init": self.init,
             "checkpoint": self.checkpoint,
             "block_sizes": {p: [g, c] for p, g, c in self.block_sizes},
+            "calibration_steps": self.calibration_steps,
         }
