@@ -293,7 +293,7 @@ def test_options_reach_the_compiler(tmp_path, monkeypatch, capsys):
     assert report["options"] == {"rule": "compact", "budget": None, "target_params": None, "target_flops": None,
                                  "group_size": 16, "coarsest_width": 32, "transitions": True, "leaf_modules": [],
                                  "concrete_args": {}, "skip": ["layer2", "no_such_block"], "init": "inherit",
-                                 "checkpoint": True, "block_sizes": {}}
+                                 "checkpoint": True, "block_sizes": {}, "calibration_steps": None}
     saved = torch.load(out / "tiny_resnet_mgic.pt", weights_only=False)
     blocks = [m for m in saved.modules() if isinstance(m, MGICBlock)]
     assert blocks and all(m.checkpoint for m in blocks)  # --checkpoint reached every block
