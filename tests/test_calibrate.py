@@ -136,7 +136,7 @@ def calibrated(model, dims=1, init="inherit", **kw):
     gm = transform(model, tuple(t[:2] for t in xs), init)
     gm.meta["uncalibrated"] = copy.deepcopy(gm)
     before = block_errors(model, gm, xs)
-    kw = {"steps": 40, "batch_size": 32, "progress": False, **kw}
+    kw = {"steps": 40, "network_steps": 0, "batch_size": 32, "progress": False, **kw}
     data = xs[0] if len(xs) == 1 else [xs]
     mt.calibrate(gm, model, data, **kw)
     return before, gm, xs, held
@@ -147,8 +147,9 @@ def calibrated(model, dims=1, init="inherit", **kw):
 
 @pytest.mark.parametrize("dims", [1, 2])
 def test_calibration_lowers_every_blocks_error_against_the_original(dims):
+    """The blocks' own fit (no network stage, so each block's inputs do not move after its fit)."""
     model = trained(Net(dims), dims)
-    before, gm, xs, held = calibrated(model, dims)
+    before, gm, xs, held = calibrated(model, dims, network_steps=0)
     assert_fitted(model, before, gm, xs, held)
     # the plan records the same errors the hooks measure, on both copies of the plan
     plan = gm.meta["mgic"]
@@ -164,12 +165,36 @@ def test_calibration_lowers_every_blocks_error_against_the_original(dims):
 
 
 def test_the_fit_test_fails_when_the_fit_is_skipped(monkeypatch):
-    """``assert_fitted`` is not vacuous: with the fitting step a no-op it fails."""
+    """``assert_fitted`` is not vacuous: with the fitting steps no-ops it fails."""
     monkeypatch.setattr(calibration, "_fit_block", lambda *a, **k: 0)
+    monkeypatch.setattr(calibration, "_fit_network", lambda *a, **k: 0)
     model = trained(Net(1))
     before, gm, xs, held = calibrated(model)
     with pytest.raises(AssertionError):
         assert_fitted(model, before, gm, xs, held)
+
+
+def network_error(model, gm, xs) -> float:
+    with torch.no_grad():
+        want = model.eval()(*xs)
+        return ((gm.eval()(*xs) - want).norm() / want.norm()).item()
+
+
+def test_the_network_stage_lowers_the_output_error_and_the_plan_reports_final_block_errors():
+    model = trained(Net(1))
+    _, blocks_only, xs, held = calibrated(model, network_steps=0)
+    before, gm, _, _ = calibrated(model, network_steps=40)
+    assert_fitted(model, before, gm, xs, held)
+    assert network_error(model, gm, xs) < 0.9 * network_error(model, blocks_only, xs)
+    assert network_error(model, gm, held) < network_error(model, blocks_only, held)
+    plan = mt.plan_of(gm)
+    (note,) = [n for n in plan.notes if n.startswith("calibrated: network output error ")]
+    before_net, after_net = (float(v) for v in note.split("error ")[1].split(" (")[0].split(" -> "))
+    assert after_net < before_net and after_net == pytest.approx(network_error(model, gm, xs), abs=2e-3)
+    final = block_errors(model, gm, xs)
+    assert all(d.fit.error_after == pytest.approx(final[d.path], rel=1e-3) for d in plan.rewritten)
+    mt.calibrate(gm, model, xs[0], steps=2, network_steps=2, progress=False)  # calibrating again: one note
+    assert sum(n.startswith("calibrated: ") for n in mt.plan_of(gm).notes) == 1
 
 
 def test_least_squares_recovers_a_finest_level_that_can_hold_the_trained_block_exactly():
@@ -193,7 +218,7 @@ def test_least_squares_recovers_a_finest_level_that_can_hold_the_trained_block_e
                     if isinstance(m, nn.Conv1d):
                         m.weight.normal_(0, 0.3)
         before = block_errors(model, gm, xs)
-        mt.calibrate(gm, model, xs[0], steps=steps, least_squares=least_squares, progress=False)
+        mt.calibrate(gm, model, xs[0], steps=steps, least_squares=least_squares, network_steps=0, progress=False)
         errors[least_squares] = (before, block_errors(model, gm, xs))
     before, after = errors[True]
     assert all(before[p] > 0.5 and after[p] < 1e-3 for p in before), errors[True]
@@ -242,7 +267,7 @@ def test_the_input_model_is_untouched():
     hooks = {n: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in model.named_modules()}
     gm = transform(model, inputs(model, 2))
     calls.clear()
-    mt.calibrate(gm, model, inputs(model, 64)[0], steps=5, progress=False)
+    mt.calibrate(gm, model, inputs(model, 64)[0], steps=5, network_steps=3, progress=False)
     assert calls == []  # no hook of the user's fired
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert {n: m.training for n, m in model.named_modules()} == flags
@@ -258,7 +283,7 @@ def test_deterministic_under_seed_and_the_global_rng_is_left_alone():
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
         gm = transform(model, (x[:2],))
         rng = torch.get_rng_state()
-        mt.calibrate(gm, model, x, steps=8, batch_size=16, seed=seed, progress=False)
+        mt.calibrate(gm, model, x, steps=8, batch_size=16, seed=seed, network_steps=8, progress=False)
         assert torch.equal(torch.get_rng_state(), rng)
         runs[name] = gm.state_dict()
     assert all(torch.equal(v, runs["b"][k]) for k, v in runs["a"].items())
@@ -271,7 +296,7 @@ def test_training_flags_and_checkpoint_flags_of_the_result_are_restored():
     gm.train()
     block = gm.get_submodule(gm.meta["mgic"].rewritten[0].module)
     block.checkpoint = True
-    mt.calibrate(gm, model, inputs(model, 32)[0], steps=3, progress=False)
+    mt.calibrate(gm, model, inputs(model, 32)[0], steps=3, network_steps=3, progress=False)
     assert all(m.training for m in gm.modules()) and block.checkpoint is True
 
 
@@ -331,7 +356,7 @@ def test_survives_torch_save_and_load_and_records_the_fit_there():
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)
     assert "mgic" not in loaded.meta
-    mt.calibrate(loaded, model, inputs(model, 32)[0], steps=3, progress=False)
+    mt.calibrate(loaded, model, inputs(model, 32)[0], steps=3, network_steps=3, progress=False)
     assert all(d.fit is not None and d.fit.samples == 32 for d in mt.plan_of(loaded).rewritten)
     assert loaded.meta["mgic"] is loaded._mgic_plan
 
@@ -346,11 +371,11 @@ def test_dataloader_batches_with_targets_and_max_samples():
                                          batch_size=24, shuffle=True)
     gm = transform(model, (x[:2],))
     rng = torch.get_rng_state()
-    mt.calibrate(gm, model, loader, steps=5, max_samples=50, progress=False)
+    mt.calibrate(gm, model, loader, steps=5, max_samples=50, network_steps=0, progress=False)
     assert torch.equal(torch.get_rng_state(), rng)  # the loader's shuffle drew from a forked generator
     assert [d.fit.samples for d in gm.meta["mgic"].rewritten] == [50, 50, 50]
     gm2 = transform(model, (x[:2],))
-    mt.calibrate(gm2, model, [x[:30], x[30:70]], steps=5, progress=False)  # a list of plain tensors
+    mt.calibrate(gm2, model, [x[:30], x[30:70]], steps=5, network_steps=0, progress=False)  # a list of plain tensors
     assert [d.fit.samples for d in gm2.meta["mgic"].rewritten] == [70, 70, 70]
 
 
@@ -361,9 +386,16 @@ def test_a_model_with_two_inputs_takes_the_first_two_items_of_each_batch():
     gm.meta["uncalibrated"] = copy.deepcopy(gm)
     before = block_errors(model, gm, xs)
     loader = [(xs[0][i:i + 16], xs[1][i:i + 16], torch.zeros(16)) for i in range(0, 64, 16)]
-    mt.calibrate(gm, model, loader, steps=40, progress=False)
+    mt.calibrate(gm, model, loader, steps=40, network_steps=20, progress=False)
     after = block_errors(model, gm, xs)
     assert all(after[p] < 0.7 * before[p] for p in before), (before, after)
+
+
+@pytest.fixture(scope="module")
+def shared():
+    """A model and its transform for the tests that only check refusals (they never get to change ``gm``)."""
+    model = trained(Net(1))
+    return model, transform(model, inputs(model, 2))
 
 
 @pytest.mark.parametrize("data,match", [
@@ -376,30 +408,28 @@ def test_a_model_with_two_inputs_takes_the_first_two_items_of_each_batch():
     ([torch.randn(4, 2, 12).double()], "does not match"),
     ([torch.randn(4, 2)], "does not match"),
 ])
-def test_bad_data_says_what_to_do(data, match):
-    model = trained(Net(1))
-    gm = transform(model, inputs(model, 2))
+def test_bad_data_says_what_to_do(data, match, shared):
+    model, gm = shared
     with pytest.raises(InputError, match=match) as info:
         mt.calibrate(gm, model, data, progress=False)
     assert "Hint" in str(info.value) or "expected" in str(info.value)
 
 
-def test_bad_arguments_are_input_errors():
-    model = trained(Net(1))
-    gm = transform(model, inputs(model, 2))
+def test_bad_arguments_are_input_errors(shared):
+    model, gm = shared
     x = inputs(model, 8)[0]
     with pytest.raises(InputError, match="GraphModule that mgicify returned"):
         mt.calibrate(model, model, x)
     with pytest.raises(InputError, match="nn.Module mgicify transformed"):
         mt.calibrate(gm, "model", x)
-    for bad in (dict(steps=-1), dict(lr=0.0), dict(batch_size=0), dict(max_samples=True), dict(seed=1.5)):
+    for bad in (dict(steps=-1), dict(lr=0.0), dict(batch_size=0), dict(max_samples=True), dict(seed=1.5),
+                dict(network_steps=-2), dict(network_lr=float("nan"))):
         with pytest.raises(InputError):
             mt.calibrate(gm, model, x, **bad)
 
 
-def test_a_different_original_is_refused_with_a_clear_error():
-    model = trained(Net(1))
-    gm = transform(model, inputs(model, 2))
+def test_a_different_original_is_refused_with_a_clear_error(shared):
+    model, gm = shared
     with pytest.raises(MGICError, match="has no node"):
         mt.calibrate(gm, nn.Sequential(nn.Conv1d(2, 16, 3), nn.ReLU()), inputs(model, 8)[0], progress=False)
 
@@ -408,11 +438,12 @@ def test_progress_lines_and_silence(capsys):
     model = trained(Net(1))
     lines = []
     gm = transform(model, inputs(model, 2))
-    mt.calibrate(gm, model, inputs(model, 16)[0], steps=2, progress=lines.append)
-    assert len(lines) == 3 and lines[0].startswith("calibrate stages.0.0 [1/3]: error ") and " -> " in lines[0]
-    mt.calibrate(transform(model, inputs(model, 2)), model, inputs(model, 16)[0], steps=2, progress=False)
+    mt.calibrate(gm, model, inputs(model, 16)[0], steps=2, network_steps=2, progress=lines.append)
+    assert len(lines) == 4 and lines[0].startswith("calibrate stages.0.0 [1/3]: error ") and " -> " in lines[0]
+    assert lines[3].startswith("calibrate network output: error ") and "(2 steps, 16 samples" in lines[3]
+    mt.calibrate(transform(model, inputs(model, 2)), model, inputs(model, 16)[0], steps=2, network_steps=0, progress=False)
     assert capsys.readouterr().err == ""
-    mt.calibrate(transform(model, inputs(model, 2)), model, inputs(model, 16)[0], steps=2, progress=True)
+    mt.calibrate(transform(model, inputs(model, 2)), model, inputs(model, 16)[0], steps=2, network_steps=0, progress=True)
     assert capsys.readouterr().err.count("calibrate ") == 3
 
 
@@ -429,7 +460,7 @@ def test_exported_from_the_package():
 
 
 def test_mgicify_init_calibrate_runs_the_pass(monkeypatch):
-    monkeypatch.setattr(calibration, "calibrate", functools.partial(calibration.calibrate, steps=10))  # fast
+    monkeypatch.setattr(calibration, "calibrate", functools.partial(calibration.calibrate, steps=10, network_steps=5))
     model = trained(Net(1))
     x = inputs(model, 48)[0]
     with warnings.catch_warnings():
@@ -488,7 +519,7 @@ def test_linear_blocks_and_transition_blocks_are_fitted(kind, steps, factor):
     plan = mt.plan_of(gm)
     if kind == "transition":
         assert any(d.kind == "transition" for d in plan.rewritten)
-    mt.calibrate(gm, model, x, steps=steps, progress=False)
+    mt.calibrate(gm, model, x, steps=steps, network_steps=10, progress=False)
     fits = [d.fit for d in mt.plan_of(gm).rewritten]
     assert len(fits) >= 2 and all(f.error_after < factor * f.error_before for f in fits), fits
     gm.graph.lint()

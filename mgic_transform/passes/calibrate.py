@@ -85,6 +85,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import torch
 import torch.fx
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from .._modcopy import copy_structure
 from ..errors import InputError, MGICError
@@ -94,11 +95,14 @@ from ..plan import BlockDecision, BlockFit, MGICPlan, attach_plan, plan_of
 from ..tracing import eliminate_dead_code, trace
 from .inherit import _prefix as _inherit_prefix
 
-__all__ = ["calibrate", "CalibrationData", "DEFAULT_STEPS", "DEFAULT_LR", "DEFAULT_BATCH_SIZE"]
+__all__ = ["calibrate", "CalibrationData", "refit_statistics", "DEFAULT_STEPS", "DEFAULT_LR", "DEFAULT_NETWORK_STEPS",
+           "DEFAULT_NETWORK_LR", "DEFAULT_BATCH_SIZE"]
 
 DEFAULT_STEPS = 300  # Adam steps per block
 DEFAULT_LR = 1e-2  # peak learning rate of the per-block Adam fit (cosine-decayed to 0); 3e-3 and 3e-2 fitted worse
 DEFAULT_BATCH_SIZE = 64  # samples per forward while caching and per Adam step
+DEFAULT_NETWORK_STEPS = 300  # Adam steps on the network's output after the blocks
+DEFAULT_NETWORK_LR = 1e-3  # peak learning rate of that stage
 
 Progress = Union[bool, None, Callable[[str], None]]
 
@@ -337,11 +341,10 @@ def _estimate_statistics(block: nn.Module, data: _BlockData, batch_size: int, ke
 
 
 @torch.no_grad()
-def _input_statistics(block: nn.Module, data: _BlockData, batch_size: int, norms: Sequence[nn.Module]
-                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The running statistics each norm of ``norms`` would estimate from the inputs it gets in ``block`` as it runs.
+def _input_statistics(run: Callable[[], None], norms: Sequence[nn.Module]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The running statistics each norm of ``norms`` would estimate from the inputs it gets while ``run()`` runs.
 
-    ``block`` runs unchanged (in its current mode); a private train-mode copy of
+    The model runs unchanged (in its current mode); a private train-mode copy of
     every norm sees the same input (a forward pre-hook) and keeps a cumulative
     average over the batches, so any norm with running statistics is handled the
     way it handles them itself (channels-last, instance norms).
@@ -352,6 +355,7 @@ def _input_statistics(block: nn.Module, data: _BlockData, batch_size: int, norms
         probe.reset_running_stats()
         probe.momentum = None
         probes.append(probe.train())
+
     def feed(probe: nn.Module) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple) -> None:
             probe(args[0])
@@ -359,8 +363,7 @@ def _input_statistics(block: nn.Module, data: _BlockData, batch_size: int, norms
 
     hooks = [m.register_forward_pre_hook(feed(probe)) for m, probe in zip(norms, probes)]
     try:
-        for x, _ in data.batches(batch_size):
-            block(x)
+        run()
     finally:
         for h in hooks:
             h.remove()
@@ -368,26 +371,31 @@ def _input_statistics(block: nn.Module, data: _BlockData, batch_size: int, norms
 
 
 @torch.no_grad()
-def refit_statistics(block: nn.Module, data: _BlockData, batch_size: int) -> None:
-    """Running statistics re-estimated on the cached inputs, with the affine maps compensated: eval output unchanged.
+def _refit(run: Callable[[], None], modules: Iterable[nn.Module]) -> None:
+    """Every affine running-statistics norm inside ``modules`` refitted to its inputs while ``run()`` runs, compensated.
 
     An eval-mode norm computes ``w (x - m) / s + b`` with ``s = sqrt(var + eps)``.
     With new statistics ``m', s'``, the weight ``w' = w s' / s`` and bias
     ``b' = b + w (m' - m) / s`` give the same function. Because every norm's
     output is unchanged, so is every norm's input: the new statistics are those
-    of each norm's input in the block as it runs now (eval mode), measured in one
+    of each norm's input as the model runs now (eval mode), all measured in one
     pass. A train-mode step that follows then normalises with batch statistics
     close to the running ones, i.e. it starts from the fitted function. A norm
     without an affine map keeps its statistics.
     """
-    norms = [m for m in _running_norms(block) if getattr(m, "weight", None) is not None
+    norms = [m for module in modules for m in _running_norms(module) if getattr(m, "weight", None) is not None
              and getattr(m, "bias", None) is not None]
-    for m, (mean, var) in zip(norms, _input_statistics(block, data, batch_size, norms)):
+    for m, (mean, var) in zip(norms, _input_statistics(run, norms)):
         std, new_std = (m.running_var + m.eps).sqrt(), (var + m.eps).sqrt()
         m.bias.add_(m.weight * (mean - m.running_mean) / std)
         m.weight.mul_(new_std / std)
         m.running_mean.copy_(mean)
         m.running_var.copy_(var)
+
+
+def refit_statistics(block: nn.Module, data: _BlockData, batch_size: int) -> None:
+    """:func:`_refit` of ``block``'s norms on its cached inputs: the eval-mode block is unchanged."""
+    _refit(lambda: [block(x) for x, _ in data.batches(batch_size)], [block])
 
 
 # ----------------------------------------------------------------------------- closed form: the finest level
@@ -549,6 +557,78 @@ def _fit_block(block: MGICBlock, data: _BlockData, *, steps: int, lr: float, bat
     return taken
 
 
+# ----------------------------------------------------------------------------- the network's output
+
+
+def _float_outputs(value: Any) -> list[torch.Tensor]:
+    """The floating-point tensors of a model's output (a tensor, or any nesting of tuples, lists and dicts)."""
+    return [t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+@torch.no_grad()
+def _network_targets(original: torch.fx.GraphModule, calib: CalibrationData, batch_size: int
+                     ) -> list[torch.Tensor]:
+    """The original's floating-point outputs on every calibration sample (those with one row per sample)."""
+    parts = []
+    for batch in calib.batches(batch_size):
+        outs = _float_outputs(original(*(t.clone() for t in batch)))
+        parts.append([o.detach().clone() for o in outs if o.dim() and o.shape[0] == batch[0].shape[0]])
+    return [torch.cat([p[i] for p in parts]) for i in range(len(parts[0]))] if parts and parts[0] else []
+
+
+def _network_loss(gm: torch.fx.GraphModule, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
+                  scales: Sequence[float]) -> torch.Tensor:
+    outs = [o for o in _float_outputs(gm(*inputs)) if o.dim() and o.shape[0] == inputs[0].shape[0]]
+    if [o.shape for o in outs] != [t.shape for t in targets]:
+        raise MGICError(f"the transformed network returns outputs of shapes {[tuple(o.shape) for o in outs]}, the "
+                        f"original {[tuple(t.shape) for t in targets]}. Hint: calibrate the GraphModule mgicify "
+                        f"returned for this model, with network_steps=0 to fit the blocks only.")
+    return sum((o - t).pow(2).mean() / s for o, t, s in zip(outs, targets, scales))
+
+
+@torch.no_grad()
+def _network_error(gm: torch.fx.GraphModule, calib: CalibrationData, targets: Sequence[torch.Tensor],
+                   batch_size: int) -> float:
+    """``||gm(x) - original(x)|| / ||original(x)||`` over the calibration set, every output tensor together."""
+    diff = total = 0.0
+    for i, batch in enumerate(calib.batches(batch_size)):
+        part = [t[i * batch_size:(i + 1) * batch_size] for t in targets]
+        outs = [o for o in _float_outputs(gm(*batch)) if o.dim() and o.shape[0] == batch[0].shape[0]]
+        diff += sum((o - t).double().pow(2).sum().item() for o, t in zip(outs, part))
+        total += sum(t.double().pow(2).sum().item() for t in part)
+    return math.sqrt(diff / total) if total > 0 else math.sqrt(diff)
+
+
+def _fit_network(gm: torch.fx.GraphModule, blocks: Sequence[nn.Module], calib: CalibrationData,
+                 targets: Sequence[torch.Tensor], *, steps: int, lr: float, batch_size: int,
+                 generator: torch.Generator) -> int:
+    """Adam on the network's output error, the MGIC blocks' parameters only, in eval mode; then one statistics refit.
+
+    ``sum_i ||out_i - target_i||^2 / mean ||target_i||^2`` over random mini-batches,
+    cosine-decayed lr; every other layer keeps the original's weights. Returns the steps taken.
+    """
+    params = [p for b in blocks for p in b.parameters() if p.requires_grad]
+    if steps <= 0 or not params or not targets:
+        return 0
+    scales = [t.double().pow(2).mean().item() or 1.0 for t in targets]
+    opt = torch.optim.Adam(params, lr=lr, foreach=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
+    n = len(calib)
+    with torch.enable_grad():
+        for _ in range(steps):
+            idx = torch.randint(0, n, (min(batch_size, n),), generator=generator, device="cpu")
+            idx = idx.to(targets[0].device)
+            loss = _network_loss(gm, [t[idx] for t in calib.inputs], [t[idx] for t in targets], scales)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    for p in params:
+        p.grad = None
+    _refit(lambda: [gm(*batch) for batch in calib.batches(batch_size)], blocks)
+    return steps
+
+
 # ----------------------------------------------------------------------------- the pass
 
 
@@ -565,14 +645,17 @@ def _plan_and_inputs(gm: Any) -> tuple[MGICPlan, tuple[torch.Tensor, ...]]:
     return plan, example
 
 
-def _check_options(steps: Any, lr: Any, batch_size: Any, max_samples: Any, seed: Any) -> None:
+def _check_options(steps: Any, lr: Any, batch_size: Any, max_samples: Any, seed: Any, network_steps: Any,
+                   network_lr: Any) -> None:
     checks = (("steps", steps, 0, DEFAULT_STEPS), ("batch_size", batch_size, 1, DEFAULT_BATCH_SIZE),
-              ("max_samples", max_samples, 1, 1024), ("seed", seed, 0, 0))
+              ("max_samples", max_samples, 1, 1024), ("seed", seed, 0, 0),
+              ("network_steps", network_steps, 0, DEFAULT_NETWORK_STEPS))
     for name, value, least, example in checks:
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise InputError(f"{name} must be an integer >= {least}, got {value!r}. Hint: e.g. {name}={example}.")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
-        raise InputError(f"lr must be a positive number, got {lr!r}. Hint: lr={DEFAULT_LR}.")
+    for name, value, example in (("lr", lr, DEFAULT_LR), ("network_lr", network_lr, DEFAULT_NETWORK_LR)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+            raise InputError(f"{name} must be a positive number, got {value!r}. Hint: {name}={example}.")
 
 
 def _reporter(progress: Progress) -> Optional[Callable[[str], None]]:
@@ -593,25 +676,40 @@ def _in_graph_order(gm: torch.fx.GraphModule, plan: MGICPlan) -> list[BlockDecis
     return sorted(blocks, key=lambda d: order[d.module])
 
 
-def _store_plan(gm: torch.fx.GraphModule, plan: MGICPlan, fits: dict[str, BlockFit]) -> None:
-    """The plan with every fitted block's :class:`BlockFit`, stored where :func:`plan_of` finds it."""
+def _store_plan(gm: torch.fx.GraphModule, plan: MGICPlan, fits: dict[str, BlockFit], note: Optional[str]) -> None:
+    """The plan with every fitted block's :class:`BlockFit` (and the network stage's note), stored for :func:`plan_of`."""
     blocks = tuple(dataclasses.replace(d, fit=fits[d.module]) if d.module in fits else d for d in plan.blocks)
-    plan = dataclasses.replace(plan, blocks=blocks)
+    notes = tuple(n for n in plan.notes if not n.startswith("calibrated: ")) + ((note,) if note else ())
+    plan = dataclasses.replace(plan, blocks=blocks, notes=notes)
     attach_plan(gm, plan)
     legacy = getattr(gm, "_mgic_meta", None)  # a model saved by version 0.1 keeps its plan there too
     if isinstance(legacy, dict) and "mgic" in legacy:
         legacy["mgic"] = plan
 
 
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    steps: int
+    lr: float
+    network_steps: int
+    network_lr: float
+    batch_size: int
+    seed: int
+    least_squares: bool
+    report: Optional[Callable[[str], None]]
+
+
 def calibrate(gm: torch.fx.GraphModule, original: nn.Module, data: Any, *, steps: int = DEFAULT_STEPS,
-              lr: float = DEFAULT_LR, batch_size: int = DEFAULT_BATCH_SIZE, max_samples: int = 1024, seed: int = 0,
-              least_squares: bool = True, progress: Progress = None) -> torch.fx.GraphModule:
+              lr: float = DEFAULT_LR, network_steps: int = DEFAULT_NETWORK_STEPS,
+              network_lr: float = DEFAULT_NETWORK_LR, batch_size: int = DEFAULT_BATCH_SIZE, max_samples: int = 1024,
+              seed: int = 0, least_squares: bool = True, progress: Progress = None) -> torch.fx.GraphModule:
     """Fit every MGIC block of ``gm`` to the activations of ``original`` on calibration inputs (in place).
 
     Block by block in graph order, each block's input is the transformed
     network's own activation (earlier blocks already fitted) and its target is
-    the trained network's activation at the exit of the block it replaced; see
-    the module docstring for the method and its measured choices.
+    the trained network's activation at the exit of the block it replaced; then
+    the blocks together to the original's output. See the module docstring for
+    the method and its measured choices.
 
     Args:
         gm: the GraphModule :func:`mgic_transform.mgicify` returned for ``original``
@@ -622,8 +720,10 @@ def calibrate(gm: torch.fx.GraphModule, original: nn.Module, data: Any, *, steps
             iterable of batches, each a tensor or a tuple/list whose first items are the
             model's inputs (a DataLoader's ``(input, target)``). At most ``max_samples``
             samples are read, once.
-        steps: Adam steps per block (0: only the BatchNorm statistics are refitted).
+        steps: Adam steps per block (0: no gradient fit of the blocks).
         lr: peak learning rate of each block's Adam fit (cosine-decayed).
+        network_steps: Adam steps on the network's output after the blocks (0: none).
+        network_lr: peak learning rate of that stage.
         batch_size: samples per forward while caching activations and per Adam step.
         max_samples: calibration samples used; one block's inputs and targets for
             this many samples are held in memory at a time.
@@ -632,13 +732,15 @@ def calibrate(gm: torch.fx.GraphModule, original: nn.Module, data: Any, *, steps
         least_squares: first solve the finest level's conv/linear layers in closed form
             against the original's layers (step 0 of the module docstring); ``False``:
             Adam alone.
-        progress: one line per block on stderr (path, k/K, error before -> after,
-            seconds); ``None`` (default): when stderr is a terminal; a callable
-            receives the lines instead.
+        progress: one line per block (path, k/K, error before -> after, seconds) and one
+            for the network stage, on stderr; ``None`` (default): when stderr is a
+            terminal; a callable receives the lines instead.
 
     Returns:
-        ``gm``, whose plan (:func:`mgic_transform.plan_of`, stored with ``plan.attach_plan``) records
-        per rewritten block a :class:`~mgic_transform.plan.BlockFit`.
+        ``gm``. Its plan (:func:`mgic_transform.plan_of`) records per rewritten block a
+        :class:`~mgic_transform.plan.BlockFit`, whose ``error_after`` is measured with the
+        final weights on the inputs the block gets in the final network, and, when the
+        network stage ran, a note with the network's output error before and after it.
 
     Raises:
         InputError: unusable data or options, or an ``original`` that does not trace to
@@ -648,12 +750,11 @@ def calibrate(gm: torch.fx.GraphModule, original: nn.Module, data: Any, *, steps
     if not isinstance(original, nn.Module):
         raise InputError(f"original must be the nn.Module mgicify transformed, got {type(original).__name__}. "
                          f"Hint: mt.calibrate(gm, model, data).")
-    _check_options(steps, lr, batch_size, max_samples, seed)
-    report = _reporter(progress)
+    _check_options(steps, lr, batch_size, max_samples, seed, network_steps, network_lr)
+    settings = _Settings(steps, lr, network_steps, network_lr, batch_size, seed, least_squares, _reporter(progress))
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
-    devices = [device.index or 0] if device.type == "cuda" else []
     flags = {m: m.training for m in gm.modules()}
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         calib = CalibrationData.read(data, len(example), example, max_samples, device)
         blocks = _in_graph_order(gm, plan)
@@ -662,32 +763,56 @@ def calibrate(gm: torch.fx.GraphModule, original: nn.Module, data: Any, *, steps
         traced = _private_original(original, plan)
         gm.eval()
         try:
-            fits = _calibrate_blocks(gm, traced, blocks, calib, steps=steps, lr=lr, batch_size=batch_size,
-                                     seed=seed, least_squares=least_squares, report=report)
+            fits, note = _run(gm, traced, blocks, calib, settings)
         finally:
             for m, flag in flags.items():
                 m.training = flag
-    _store_plan(gm, plan, fits)
+    _store_plan(gm, plan, fits, note)
     return gm
 
 
-def _calibrate_blocks(gm: torch.fx.GraphModule, traced: torch.fx.GraphModule, blocks: Sequence[BlockDecision],
-                      calib: CalibrationData, *, steps: int, lr: float, batch_size: int, seed: int,
-                      least_squares: bool, report: Optional[Callable[[str], None]]) -> dict[str, BlockFit]:
-    generator = torch.Generator().manual_seed(seed)
-    fits: dict[str, BlockFit] = {}
-    for k, d in enumerate(blocks, 1):
-        t0 = time.perf_counter()
-        block = gm.get_submodule(d.module)
-        layers = _finest_layers(block, d, traced) if least_squares else []
-        data = _cache_block(gm, traced, d, calib, batch_size, inner=[node for _, node in layers])
-        before = _relative_error(block, data, batch_size)
-        taken = _fit_block(block, data, steps=steps, lr=lr, batch_size=batch_size, generator=generator, layers=layers)
-        after = _relative_error(block, data, batch_size)
-        seconds = time.perf_counter() - t0
-        fits[d.module] = BlockFit(before, after, taken, len(data), seconds)
-        del data
-        if report is not None:
-            report(f"calibrate {d.module} [{k}/{len(blocks)}]: error {before:.3f} -> {after:.3f} "
-                   f"({taken} steps, {fits[d.module].samples} samples, {seconds:.1f} s)")
-    return fits
+def _run(gm: torch.fx.GraphModule, traced: torch.fx.GraphModule, blocks: Sequence[BlockDecision],
+         calib: CalibrationData, settings: _Settings) -> tuple[dict[str, BlockFit], Optional[str]]:
+    """The blocks in graph order, then the network stage and every block's final error; returns the fits and a note."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    fits = {d.module: _calibrate_block(gm, traced, d, k, len(blocks), calib, settings, generator)
+            for k, d in enumerate(blocks, 1)}
+    if settings.network_steps <= 0:
+        return fits, None
+    t0 = time.perf_counter()
+    targets = _network_targets(traced, calib, settings.batch_size)
+    before = _network_error(gm, calib, targets, settings.batch_size) if targets else 0.0
+    taken = _fit_network(gm, [gm.get_submodule(d.module) for d in blocks], calib, targets,
+                         steps=settings.network_steps, lr=settings.network_lr, batch_size=settings.batch_size,
+                         generator=generator)
+    if not taken:
+        return fits, None
+    after = _network_error(gm, calib, targets, settings.batch_size)
+    del targets
+    for d in blocks:  # the blocks moved: their errors in the final network
+        data = _cache_block(gm, traced, d, calib, settings.batch_size)
+        fits[d.module] = dataclasses.replace(fits[d.module], error_after=_relative_error(
+            gm.get_submodule(d.module), data, settings.batch_size))
+    note = (f"calibrated: network output error {before:.3f} -> {after:.3f} ({taken} Adam steps on the output after "
+            f"the blocks', {len(calib)} samples, {time.perf_counter() - t0:.1f} s)")
+    if settings.report is not None:
+        settings.report(f"calibrate network output: error {before:.3f} -> {after:.3f} ({taken} steps, "
+                        f"{len(calib)} samples, {time.perf_counter() - t0:.1f} s)")
+    return fits, note
+
+
+def _calibrate_block(gm: torch.fx.GraphModule, traced: torch.fx.GraphModule, d: BlockDecision, k: int, total: int,
+                     calib: CalibrationData, settings: _Settings, generator: torch.Generator) -> BlockFit:
+    t0 = time.perf_counter()
+    block = gm.get_submodule(d.module)
+    layers = _finest_layers(block, d, traced) if settings.least_squares else []
+    data = _cache_block(gm, traced, d, calib, settings.batch_size, inner=[node for _, node in layers])
+    before = _relative_error(block, data, settings.batch_size)
+    taken = _fit_block(block, data, steps=settings.steps, lr=settings.lr, batch_size=settings.batch_size,
+                       generator=generator, layers=layers)
+    after = _relative_error(block, data, settings.batch_size)
+    fit = BlockFit(before, after, taken, len(data), time.perf_counter() - t0)
+    if settings.report is not None:
+        settings.report(f"calibrate {d.module} [{k}/{total}]: error {before:.3f} -> {after:.3f} "
+                        f"({taken} steps, {fit.samples} samples, {fit.seconds:.1f} s)")
+    return fit
