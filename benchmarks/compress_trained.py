@@ -22,17 +22,21 @@ What it measures (issues 12 and 19)
     - **D** Torch-Pruning 1.6 of the trained original (``MagnitudePruner``, L2, one uniform ratio
       bisected to the MGIC parameter count, the classifier kept), fine-tuned;
     - **E** D's pruned network fine-tuned on the same calibration inputs *with their labels* for as
-      many optimizer steps as C took in total (the one-shot peer with C's budget), at 0 epochs;
+      many optimizer steps as C took in total (its blocks' and its network stage's: the one-shot
+      peer with C's budget; each of E's steps runs the whole network), at 0 epochs;
       **E+** E, then fine-tuned.
 
     Fine-tuning learning rate: every arm's peak learning rate is chosen per task and budget from
     ``--ft-lrs`` by mean *validation* accuracy over the seeds at 1 epoch, and used at 1 and 3 epochs
     (E's calibration-budget step likewise, at 0 epochs). Test accuracy is only reported.
 
-    **Fitting variants** (validation split, 0 epochs): statistics only (BatchNorm re-estimation and
-    refit, no fit), closed-form least squares only (``steps=0``), Adam only
-    (``least_squares=False``), and the default, least squares then Adam; per-block relative output
-    error after fitting (``BlockFit.error_after``, mean over blocks and seeds) and seconds.
+    **Fitting variants** (validation split, 0 epochs), per block: statistics only (BatchNorm
+    re-estimation and refit, no fit), closed-form least squares only (``steps=0``), Adam only
+    (``least_squares=False``), least squares then Adam; each without the network stage
+    (``network_steps=0``); then the default (least squares, Adam, then Adam on the network's output),
+    also from ``init="scratch"`` (does the Galerkin start still matter once the blocks are fitted?).
+    Per-block relative output error (``BlockFit.error_after``, mean over blocks and seeds), the
+    network's output error, and seconds.
 
     The shared recipe: AdamW, one-cycle learning rate, weight decay 1e-4, batch 64, random shifts of
     up to 1 pixel on digits.
@@ -54,6 +58,7 @@ import argparse
 import copy
 import json
 import math
+import re
 import statistics
 import sys
 import time
@@ -77,11 +82,14 @@ RESULTS = ROOT / "benchmarks" / "results"
 RULE = "compact"
 ARMS = {"A": "MGIC from scratch, trained", "B": "MGIC inherit, fine-tuned", "C": "MGIC calibrated (C+: fine-tuned)",
         "D": "Torch-Pruning, fine-tuned", "E": "Torch-Pruning + C's steps on the calibration set (E+: fine-tuned)"}
-VARIANTS = {  # name: calibrate() keywords; "ls+adam" is arm C itself
-    "stats": dict(steps=0, least_squares=False), "ls": dict(steps=0), "adam": dict(least_squares=False),
-    "ls+adam": dict()}
-VARIANT_NAMES = {"stats": "BatchNorm statistics only", "ls": "least squares only (finest level)",
-                 "adam": "Adam only", "ls+adam": "least squares, then Adam (default)"}
+VARIANTS = {  # name: calibrate() keywords; "default" is arm C itself, "scratch" the default fit from init="scratch"
+    "stats": dict(steps=0, least_squares=False, network_steps=0), "ls": dict(steps=0, network_steps=0),
+    "adam": dict(least_squares=False, network_steps=0), "ls+adam": dict(network_steps=0), "default": dict(),
+    "scratch": dict()}
+VARIANT_NAMES = {"stats": "BatchNorm statistics only", "ls": "blocks: least squares only (finest level)",
+                 "adam": "blocks: Adam only", "ls+adam": "blocks: least squares, then Adam",
+                 "default": "blocks: least squares, then Adam; then the network output (default)",
+                 "scratch": "the default, from init=\"scratch\" instead of \"inherit\""}
 
 
 # ----------------------------------------------------------------------------- data and models
@@ -233,16 +241,21 @@ def prune_to(trained: nn.Module, example: torch.Tensor, target: int) -> nn.Modul
     return pruned(hi)
 
 
-def calibrated(inherit_gm: torch.fx.GraphModule, trained: nn.Module, calib_x: torch.Tensor, seed: int, args,
+def calibrated(start: torch.fx.GraphModule, trained: nn.Module, calib_x: torch.Tensor, seed: int, args,
                **variant) -> tuple[torch.fx.GraphModule, dict]:
-    """A calibrated copy of ``inherit_gm`` and what calibration did (BlockFit per block, wall seconds)."""
-    gm = copy.deepcopy(inherit_gm)
+    """A calibrated copy of ``start`` and what calibration did (BlockFit per block, the network stage, seconds)."""
+    gm = copy.deepcopy(start)
     t0 = time.perf_counter()
     mt.calibrate(gm, trained, calib_x, seed=seed, progress=args.progress, **{**args.calibration, **variant})
     seconds = time.perf_counter() - t0
-    fits = [d.fit for d in mt.plan_of(gm).rewritten]
-    return gm, {"seconds": round(seconds, 2), "steps": sum(f.steps for f in fits), "blocks": len(fits),
-                "error_before": [f.error_before for f in fits], "error_after": [f.error_after for f in fits]}
+    plan = mt.plan_of(gm)
+    fits = [d.fit for d in plan.rewritten]
+    note = next((n for n in plan.notes if n.startswith("calibrated: ")), "")
+    net = re.search(r"error ([\d.]+) -> ([\d.]+) \((\d+) Adam steps", note)
+    network = {"error_before": float(net[1]), "error_after": float(net[2]), "steps": int(net[3])} if net else None
+    return gm, {"seconds": round(seconds, 2), "steps": sum(f.steps for f in fits) + (network or {}).get("steps", 0),
+                "blocks": len(fits), "error_before": [f.error_before for f in fits],
+                "error_after": [f.error_after for f in fits], "network": network}
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -289,8 +302,8 @@ class Unit:
         return compress(self.trained, self.example, self.ratio, "inherit")
 
     def _build_C(self) -> tuple[nn.Module, dict]:
-        path = self.args.models_dir / f"{self.task}_{self.ratio}_calibrated_seed{self.seed}.pt" if self.args.models_dir \
-            else None
+        models = self.args.models_dir
+        path = models / f"{self.task}_{self.ratio}_calibrated_seed{self.seed}.pt" if models is not None else None
         info = self.args.cache.data.get(self.key("C", 0))
         if path is not None and path.exists() and info is not None:
             gm = copy.deepcopy(self.net("B"))
@@ -305,25 +318,26 @@ class Unit:
     def _build_D(self) -> nn.Module:
         return prune_to(self.trained, self.example, n_params(self.net("B")))
 
-    def start(self, arm: str, e_lr: float | None = None) -> nn.Module:
-        """A fresh copy of the network arm ``arm`` fine-tunes (E: D after C's steps on the calibration set)."""
+    def start(self, arm: str, e_lr: float | None = None) -> tuple[nn.Module, float]:
+        """A fresh copy of the network arm ``arm`` fine-tunes (E: D after C's steps on the calibration set; seconds)."""
         if arm == "C":
-            return copy.deepcopy(self.net("C")[0])
+            return copy.deepcopy(self.net("C")[0]), 0.0
         if arm != "E":
-            return copy.deepcopy(self.net(arm))
+            return copy.deepcopy(self.net(arm)), 0.0
         model = copy.deepcopy(self.net("D"))
-        train_steps(model, *self.calib, self.net("C")[1]["steps"], self.seed, e_lr, self.args.batch, self.aug)
-        return model
+        return model, train_steps(model, *self.calib, self.net("C")[1]["steps"], self.seed, e_lr, self.args.batch,
+                                  self.aug)
 
     def key(self, arm: str, epochs: int, lr: float | None = None) -> str:
         return f"{self.task}/{self.ratio}/{arm}/{epochs}" + (f"/{lr}" if lr is not None else "") + f"/{self.seed}"
 
     def finetuned(self, arm: str, epochs: int, lr: float, e_lr: float | None = None) -> dict:
-        model = self.start(arm, e_lr)
+        """Score after ``epochs`` of fine-tuning at peak ``lr`` (E at 0 epochs: its calibration-set steps' seconds)."""
+        model, prepared = self.start(arm, e_lr)
         (x, y), _, _ = self.data
         seconds = train_steps(model, x, y, epochs_to_steps(len(y), epochs, self.args.batch), self.seed, lr,
                               self.args.batch, self.aug)
-        return score(model, self.data, seconds=round(seconds, 2))
+        return score(model, self.data, seconds=round(seconds if epochs else prepared, 2))
 
     def at_zero(self, arm: str) -> dict:
         if arm == "C":
@@ -332,11 +346,16 @@ class Unit:
         return score(self.net(arm), self.data)
 
     def variant(self, name: str) -> dict:
-        if name == "ls+adam":
+        if name == "default":
             gm, info = self.net("C")
         else:
-            gm, info = calibrated(self.net("B"), self.trained, self.calib[0], self.seed, self.args, **VARIANTS[name])
-        return {"val": accuracy(gm, self.data[1]), **info}
+            start = compress(self.trained, self.example, self.ratio, "scratch") if name == "scratch" else self.net("B")
+            gm, info = calibrated(start, self.trained, self.calib[0], self.seed, self.args, **VARIANTS[name])
+        x_val = self.data[1][0]
+        with torch.no_grad():
+            want, got = self.trained.eval()(x_val), gm.eval()(x_val)
+        return {"val": accuracy(gm, self.data[1]), "output_error_val": ((got - want).norm() / want.norm()).item(),
+                **info}
 
 
 # ----------------------------------------------------------------------------- the study
@@ -382,8 +401,8 @@ def run_budget(units: list[Unit], args, cache: Cache) -> dict:
         lr = out["lr"][arm] = best_lr(first)
         out["runs"][arm] = {tuned[0]: first[lr]}
         for epochs in tuned[1:]:
-            out["runs"][arm][epochs] = [cache.get(u.key(label, epochs, lr), lambda u=u: u.finetuned(arm, epochs, lr, e_lr))
-                                        for u in units]
+            out["runs"][arm][epochs] = [
+                cache.get(u.key(label, epochs, lr), lambda u=u: u.finetuned(arm, epochs, lr, e_lr)) for u in units]
     return out
 
 
@@ -431,11 +450,19 @@ def budget_section(task: str, ratio: float, res: dict, p_orig: int, args) -> lis
              "| arm | " + " | ".join(f"{e} epoch{'s' if e != 1 else ''}" for e in args.epochs) + " | fine-tune lr |",
              "|---|" + "--:|" * len(args.epochs) + "--:|"]
     lines += [arm_row(arm, res, args) for arm in ARMS]
-    lines += ["", f"Calibration: {mean(c['seconds'] for c in cal):.1f} s (mean over seeds; {cal[0]['steps']} Adam steps "
-              f"over {cal[0]['blocks']} blocks, {args.calibration_samples} samples max), block output error "
+    network = [c["network"] for c in cal if c.get("network")]
+    lines += ["", f"Calibration: {mean(c['seconds'] for c in cal):.1f} s (mean over seeds; {cal[0]['steps']} Adam "
+              f"steps in all, over {cal[0]['blocks']} blocks and the network's output, on at most "
+              f"{args.calibration_samples} samples), block output error "
               f"{mean(mean(c['error_before']) for c in cal):.3f} -> {mean(mean(c['error_after']) for c in cal):.3f} "
-              f"(mean over blocks and seeds)" + (f"; one epoch of fine-tuning C+: {mean(epoch_s):.1f} s "
-                                                f"({mean(c['seconds'] for c in cal) / mean(epoch_s):.1f}x)." if epoch_s else ".")]
+              f"(mean over blocks and seeds)" + (
+                  f", network output error {mean(n['error_before'] for n in network):.3f} -> "
+                  f"{mean(n['error_after'] for n in network):.3f}" if network else "") + (
+                  f"; one epoch of fine-tuning C+: {mean(epoch_s):.1f} s "
+                  f"(calibration = {mean(c['seconds'] for c in cal) / mean(epoch_s):.1f} epochs); E's "
+                  f"{cal[0]['steps']} steps on the calibration set: "
+                  f"{mean(p['seconds'] for p in res['zero']['E']):.1f} s."
+                  if epoch_s else ".")]
     return lines
 
 
@@ -460,12 +487,15 @@ def goals_table(results: dict, args) -> list[str]:
 
 
 def variants_table(results: dict, args) -> list[str]:
-    lines = ["| task | budget | fit | val. acc. %, 0 epochs | block error after | seconds |", "|---|--:|---|--:|--:|--:|"]
+    lines = ["| task | budget | fit | val. acc. %, 0 epochs | block error after | output error (val.) | seconds |",
+             "|---|--:|---|--:|--:|--:|--:|"]
     for task, res in results.items():
         for ratio, b in res["budgets"].items():
             for name, points in b["variants"].items():
                 lines.append(f"| {task} | {ratio} | {VARIANT_NAMES[name]} | {ms(pct(points, 'val'))} | "
-                             f"{mean(mean(p['error_after']) for p in points):.3f} | {mean(p['seconds'] for p in points):.1f} |")
+                             f"{mean(mean(p['error_after']) for p in points):.3f} | "
+                             f"{mean(p['output_error_val'] for p in points):.3f} | "
+                             f"{mean(p['seconds'] for p in points):.1f} |")
     return lines
 
 
@@ -485,7 +515,8 @@ def report(results: dict, args, started: str, wall: float, argv: list[str]) -> s
         parts.append(f"## {task} ({res['sizes'][0]} train / {res['sizes'][1]} val / {res['sizes'][2]} test)\n\n"
                      f"Original: {p_orig:,} parameters, test accuracy {ms(pct(res['original']))}%.")
         parts += ["\n".join(budget_section(task, ratio, b, p_orig, args)) for ratio, b in res["budgets"].items()]
-    parts += ["## Fitting variants (validation split, before any fine-tuning)", "\n".join(variants_table(results, args))]
+    parts += ["## Fitting variants (validation split, before any fine-tuning)",
+              "\n".join(variants_table(results, args))]
     return "\n\n".join(parts)
 
 
@@ -517,7 +548,8 @@ def plot(results: dict, args, path: Path) -> None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.5], help="target_params ratios")
@@ -536,7 +568,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.calibration = {}  # calibrate()'s defaults
     if args.quick:
         args.seeds, args.budgets, args.epochs, args.orig_epochs = args.seeds[:1], [0.5], [0, 1], 1
-        args.ft_lrs, args.calibration_samples, args.calibration = args.ft_lrs[-1:], 128, {"steps": 20}
+        args.ft_lrs, args.calibration_samples = args.ft_lrs[-1:], 128
+        args.calibration = {"steps": 20, "network_steps": 20}
     if args.epochs[0] != 0 or len(args.epochs) < 2:
         p.error("--epochs must start with 0 and hold at least one fine-tune budget")
     return args

@@ -94,10 +94,11 @@ def test_compress_trained_quick_runs_every_arm():
         assert [r[0][0] for r in arms] == list("ABCDE"), arms  # every arm, at 0 and 1 epoch, with its lr
         for r in arms:
             assert all(0.0 <= float(c.split("±")[0]) <= 100.0 for c in r[1:3]) and float(r[3].split()[0]) > 0
-        before, after = map(float, re.search(r"block output error ([\d.]+) -> ([\d.]+)", section).groups())
-        assert after < before  # calibration fitted the blocks, even with 20 steps on an untrained original
-    variants = [r for r in rows(out, "") if len(r) == 6 and r[0] in ("mnist1d", "digits")]
-    assert len(variants) == 8 and all(float(r[4]) >= 0 and float(r[5]) > 0 for r in variants)
+        errors = re.search(r"block output error ([\d.]+) -> ([\d.]+).*network output error ([\d.]+) -> ([\d.]+)",
+                           section)
+        assert float(errors[2]) < float(errors[1]) and float(errors[4]) < float(errors[3])  # calibration fitted
+    variants = [r for r in rows(out, "") if len(r) == 7 and r[0] in ("mnist1d", "digits")]
+    assert len(variants) == 12 and all(float(r[4]) >= 0 and float(r[5]) >= 0 and float(r[6]) > 0 for r in variants)
 
 
 def test_profile_network_quick_compares_the_two_networks_op_by_op():

@@ -97,7 +97,7 @@ def transform(model: nn.Module, example: tuple[torch.Tensor, ...], init: str = "
 
 def block_errors(model: nn.Module, gm: torch.fx.GraphModule, xs: tuple[torch.Tensor, ...],
                  blocks: torch.fx.GraphModule | None = None) -> dict[str, float]:
-    """``||MGIC(x) - y|| / ||y||`` per block, from hooks: ``x`` the block's input in ``gm``, ``y`` the original's output.
+    """``||MGIC(x) - y|| / ||y||`` per block, from hooks: ``x`` its input in ``gm``, ``y`` the original's output.
 
     ``blocks``: another transform of the same model whose MGIC blocks are run on those inputs instead.
     """
@@ -441,9 +441,10 @@ def test_progress_lines_and_silence(capsys):
     mt.calibrate(gm, model, inputs(model, 16)[0], steps=2, network_steps=2, progress=lines.append)
     assert len(lines) == 4 and lines[0].startswith("calibrate stages.0.0 [1/3]: error ") and " -> " in lines[0]
     assert lines[3].startswith("calibrate network output: error ") and "(2 steps, 16 samples" in lines[3]
-    mt.calibrate(transform(model, inputs(model, 2)), model, inputs(model, 16)[0], steps=2, network_steps=0, progress=False)
+    x = inputs(model, 16)[0]
+    mt.calibrate(transform(model, inputs(model, 2)), model, x, steps=2, network_steps=0, progress=False)
     assert capsys.readouterr().err == ""
-    mt.calibrate(transform(model, inputs(model, 2)), model, inputs(model, 16)[0], steps=2, network_steps=0, progress=True)
+    mt.calibrate(transform(model, inputs(model, 2)), model, x, steps=2, network_steps=0, progress=True)
     assert capsys.readouterr().err.count("calibrate ") == 3
 
 

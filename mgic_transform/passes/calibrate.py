@@ -474,7 +474,7 @@ def _set_solution(module: nn.Module, w: torch.Tensor) -> None:
     if bias is not None:
         bias.copy_(w[:, -1, :].reshape(-1))
         w = w[:, :-1, :]
-    module.weight.copy_(w.transpose(1, 2).reshape(module.weight.shape))  # (G, out/G, features): conv, Linear, GroupedLinear
+    module.weight.copy_(w.transpose(1, 2).reshape(module.weight.shape))  # (G, out/G, features): conv/Linear layout
 
 
 @torch.no_grad()
@@ -519,7 +519,7 @@ def _least_squares_finest(block: MGICBlock, data: _BlockData, layers: Sequence[t
 
 def _fit_adam(block: nn.Module, data: _BlockData, *, steps: int, lr: float, batch_size: int,
               generator: torch.Generator) -> int:
-    """Adam on ``||block(x) - y||^2 / mean ||y||^2`` over random mini-batches, cosine-decayed lr; returns steps taken."""
+    """Adam on ``||block(x) - y||^2 / mean ||y||^2`` over random mini-batches, cosine-decayed lr; returns the steps."""
     params = [p for p in block.parameters() if p.requires_grad]
     if steps <= 0 or not params:
         return 0
@@ -641,7 +641,7 @@ def _plan_and_inputs(gm: Any) -> tuple[MGICPlan, tuple[torch.Tensor, ...]]:
     if plan is None or not example:
         raise InputError(f"calibrate expects the GraphModule that mgicify returned (with its plan), got "
                          f"{type(gm).__name__}. Hint: gm = mt.mgicify(model, x, init=\"inherit\"); "
-                         f"mt.calibrate(gm, model, data), or mt.mgicify(model, x, init=\"calibrate\", calibration=data).")
+                         f"mt.calibrate(gm, model, data), or mgicify(model, x, init=\"calibrate\", calibration=data).")
     return plan, example
 
 
@@ -677,7 +677,7 @@ def _in_graph_order(gm: torch.fx.GraphModule, plan: MGICPlan) -> list[BlockDecis
 
 
 def _store_plan(gm: torch.fx.GraphModule, plan: MGICPlan, fits: dict[str, BlockFit], note: Optional[str]) -> None:
-    """The plan with every fitted block's :class:`BlockFit` (and the network stage's note), stored for :func:`plan_of`."""
+    """The plan with every block's :class:`BlockFit` (and the network stage's note), stored for :func:`plan_of`."""
     blocks = tuple(dataclasses.replace(d, fit=fits[d.module]) if d.module in fits else d for d in plan.blocks)
     notes = tuple(n for n in plan.notes if not n.startswith("calibrated: ")) + ((note,) if note else ())
     plan = dataclasses.replace(plan, blocks=blocks, notes=notes)
