@@ -56,3 +56,27 @@ def test_compiled_grouped_pointwise_graph_does_not_grow_with_the_batch():
         (graph,) = graphs
         sizes[batch] = sum(n.op in ("call_function", "call_method") for n in graph.graph.nodes)
     assert sizes[6] == sizes[1], sizes
+
+
+def test_mgic_network_exports_with_a_dynamic_batch_and_no_eager_branch():
+    """``torch.export`` captures an MGIC network (BN-folded, eval) with the batch dynamic; it runs at batch 1 and 5.
+
+    The eager fast paths branch on the batch size (one image: one ``bmm``) and on hooks; under
+    export none of them may be traced in, or the batch would be fixed (or the graph would hold
+    the per-image loop). No inductor, no C++ build: ``ExportedProgram.module()`` runs the graph.
+    """
+    from mgic_transform.deploy import _export_args
+
+    torch.manual_seed(0)
+    gm = mt.mgicify(DropNet(), torch.zeros(1, 3, 12, 12), group_size=8, coarsest_width=8).eval()
+    folded = mt.fold_batchnorm(gm)
+    args, dynamic_shapes = _export_args((torch.randn(1, 3, 12, 12),), dynamic_batch=True)
+    with torch.no_grad():
+        program = torch.export.export(folded, args, dynamic_shapes=dynamic_shapes)
+    targets = {n.target for n in program.graph.nodes if n.op == "call_function"}
+    assert torch.ops.aten.bmm.default not in targets or torch.ops.aten.select.int not in targets  # no per-image loop
+    exported = program.module()
+    for batch in (1, 5):
+        x = torch.randn(batch, 3, 12, 12)
+        with torch.no_grad():
+            torch.testing.assert_close(exported(x), gm(x), rtol=1e-4, atol=1e-5)
