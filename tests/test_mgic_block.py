@@ -551,3 +551,33 @@ def test_transformed_network_survives_state_dict_and_torch_save_with_the_fast_pa
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), ref, rtol=0, atol=0)
         torch.testing.assert_close(fresh(x), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["", "checkpoint"])
+@pytest.mark.parametrize("rule", ["paper", "compact"])
+def test_every_block_of_a_transformed_network_computes_algorithm_1(rule, checkpoint):
+    """Under both rules, with and without checkpointing: each rewritten block's output and gradients (train mode),
+    and its eval output without autograd (the fast path), equal ``reference_forward``'s."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 8, 8)
+    gm = mt.mgicify(_Bottleneck(64), x, group_size=4, coarsest_width=8, rule=rule, checkpoint=checkpoint)
+    blocks = [gm.get_submodule(d.module) for d in gm.meta["mgic"].rewritten]
+    assert blocks and all(b.checkpoint is checkpoint for b in blocks)
+    for block in blocks:
+        _randomise_(block)
+        c_in = block.connector[0].in_channels if block.connector is not None else block.restrict[0].in_channels
+        inp = torch.randn(3, c_in, 8, 8, requires_grad=True)
+        block.train()
+        params = list(block.parameters())
+        ref = reference_forward(block, inp)  # each forward is followed by its own backward: a checkpointed block
+        g = torch.randn_like(ref)  # recomputes in its backward, and must see the buffers as its forward left them
+        ref_grads = torch.autograd.grad(ref, [inp, *params], g)
+        got = block(inp)
+        torch.testing.assert_close(got, ref)
+        for a, b in zip(torch.autograd.grad(got, [inp, *params], g), ref_grads):
+            torch.testing.assert_close(a, b)
+        block.eval()
+        with torch.no_grad():
+            want = reference_forward(block, inp.detach().clone())
+        with torch.inference_mode():
+            torch.testing.assert_close(block(inp.detach().clone(), overwrite_input=True), want)
