@@ -128,13 +128,15 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="input height and width (default 224)")
     p.add_argument("--threads", type=int, nargs="+", default=None, help=f"default 1 {cores}")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default 1 8")
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
-                   help="compile: torch.compile(mt.fold_batchnorm(m)); freezing: mt.optimize_for_inference(compile=True)")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
+                   help="compile: torch.compile(mt.fold_batchnorm(m)); freezing: mt.optimize_for_inference(compile=True) "
+                        "(default both; --quick: freezing)")
     p.add_argument("--rounds", type=int, default=None, help="default 6")
     p.add_argument("--rule", default="paper", help="mgicify's hierarchy rule (paper or compact)")
     p.add_argument("--peer", action="store_true", help="also the Torch-Pruning peer at the MGIC FLOPs (one more compile each)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--quick", action="store_true", help="the toy CNN of deploy.py at 32 px, 1 thread, batch 1, 2 rounds")
+    p.add_argument("--quick", action="store_true",
+                   help="the toy CNN of deploy.py at 32 px, 1 thread, batch 1, 2 rounds, variant freezing")
     p.add_argument("--transitions", action="store_true",
                    help="mgicify(transitions=True), the paper's MGIC-ResNet-50; writes compile_inference_transitions.md")
     p.add_argument("--warm-cache", action="store_true",
@@ -145,6 +147,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     if args.quick:
         args.models, args.peer, args.sizes = ["toy"], False, [32]
     args.sizes = args.sizes or [224]
+    args.variants = args.variants or (["freezing"] if args.quick else list(VARIANTS))
     args.threads = args.threads or ([1] if args.quick else sorted({1, cores}))
     args.batch_sizes = args.batch_sizes or ([1] if args.quick else [1, 8])
     args.rounds = args.rounds or (2 if args.quick else 6)

@@ -159,10 +159,10 @@ def test_op_count_quick_keeps_every_level_within_its_budget():
         assert float(r[6]) <= budget and r[7] == "ok", r
 
 
-def test_compile_inference_quick_compiles_both_variants_of_both_networks():
+def test_compile_inference_quick_compiles_both_networks():
     out = run(["benchmarks/compile_inference.py", "--quick"], timeout=900)
     table = rows(out, "toy")
-    assert {(r[4], r[5]) for r in table} == {(n, v) for n in ("original", "MGIC") for v in ("compile", "freezing")}
+    assert [(r[4], r[5]) for r in table] == [("original", "freezing"), ("MGIC", "freezing")]
     for r in table:
         eager, compiled, compile_s = float(r[6]), float(r[7]), float(r[10])
         assert eager > 0 and compiled > 0 and compile_s > 0
