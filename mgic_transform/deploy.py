@@ -161,8 +161,10 @@ def optimize_for_inference(model: nn.Module, example_inputs: Inputs, *, compile:
             returned module is ready). ``freezing=True`` (default) makes the weights constants.
         channels_last: run in channels-last (``True``) or NCHW (``False``). ``None`` (default):
             eager, time ``timing_rounds`` interleaved calls of both layouts on the example inputs
-            and take channels-last only if it is >5% faster; compiled, NCHW (see the module's
-            measured note in ``benchmarks/results/deploy.md``: pass ``True`` to override).
+            and take channels-last only if it is >5% faster (a decision for the example's batch
+            size); compiled, NCHW without timing (timing both would compile twice; channels-last
+            was slower for MGIC in every eager ResNet-50 row of ``results/speed_channels_last.md``
+            and is not measured compiled: pass ``True`` to try it).
         fold: fold every eval BatchNorm into the convolution before it (exact up to rounding).
         mode: ``torch.compile``'s mode (its inductor settings are merged with ``freezing``).
         check: compare the result with ``model`` in eval mode on the example inputs
@@ -217,8 +219,11 @@ def export_pt2(model: nn.Module, example_inputs: Inputs, path: Union[str, os.Pat
     dimension dynamic (``dynamic_batch=True``: any batch size from 1 up runs from the same
     file). Load it with :func:`load_pt2` or, without this package,
     ``torch._inductor.aoti_load_package(path)``; the loading process needs the same torch
-    version and a CPU of the same kind (kernels are compiled for this machine).
-    Compiling takes about a minute for a small network and several for ResNet-50 on 2 cores.
+    version and a CPU of the same kind (kernels are compiled for this machine). The CPU kernels
+    use the thread count of the exporting process (``torch.get_num_threads()``): export with the
+    thread count you deploy with, or pass ``inductor_configs={"cpp.dynamic_threads": True}``
+    (threads read at run time, slightly slower on one thread). Compiling takes ~40 s for a
+    toy network and ~2 minutes per ResNet-50 on 2 busy cores.
 
     Args:
         model: the transformed network (or any exportable model). Not modified.
