@@ -251,8 +251,9 @@ def calibrated(start: torch.fx.GraphModule, trained: nn.Module, calib_x: torch.T
     plan = mt.plan_of(gm)
     fits = [d.fit for d in plan.rewritten]
     note = next((n for n in plan.notes if n.startswith("calibrated: ")), "")
-    net = re.search(r"error ([\d.]+) -> ([\d.]+) \((\d+) Adam steps", note)
-    network = {"error_before": float(net[1]), "error_after": float(net[2]), "steps": int(net[3])} if net else None
+    net = re.search(r"output error ([\d.]+)(?: -> ([\d.]+))?.*\((\d+) Adam steps", note)
+    network = {"error_before": float(net[1]), "error_after": float(net[2] or net[1]), "steps": int(net[3]),
+               "reverted": net[2] is None} if net else None
     return gm, {"seconds": round(seconds, 2), "steps": sum(f.steps for f in fits) + (network or {}).get("steps", 0),
                 "blocks": len(fits), "error_before": [f.error_before for f in fits],
                 "error_after": [f.error_after for f in fits], "network": network}

@@ -138,7 +138,12 @@ def calibrated(model, dims=1, init="inherit", **kw):
     before = block_errors(model, gm, xs)
     kw = {"steps": 40, "network_steps": 0, "batch_size": 32, "progress": False, **kw}
     data = xs[0] if len(xs) == 1 else [xs]
-    mt.calibrate(gm, model, data, **kw)
+    if kw.pop("_skip_refit", False):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(calibration, "_refit", lambda *a, **k: None)
+            mt.calibrate(gm, model, data, **kw)
+    else:
+        mt.calibrate(gm, model, data, **kw)
     return before, gm, xs, held
 
 
@@ -195,6 +200,46 @@ def test_the_network_stage_lowers_the_output_error_and_the_plan_reports_final_bl
     assert all(d.fit.error_after == pytest.approx(final[d.path], rel=1e-3) for d in plan.rewritten)
     mt.calibrate(gm, model, xs[0], steps=2, network_steps=2, progress=False)  # calibrating again: one note
     assert sum(n.startswith("calibrated: ") for n in mt.plan_of(gm).notes) == 1
+
+
+def test_after_calibration_train_mode_normalises_like_eval_mode():
+    """The final statistics refit: with the MGIC blocks' norms in train mode (batch = the calibration set) the
+    network computes what it computes in eval mode; without the refit it does not."""
+    model = trained(Net(1))
+    _, gm, xs, _ = calibrated(model, network_steps=10)
+    _, unrefit, _, _ = calibrated(model, network_steps=10, _skip_refit=True)
+
+    def gap(net):
+        norms = [m for d in mt.plan_of(net).rewritten for m in calibration._running_norms(net.get_submodule(d.module))]
+        with torch.no_grad():
+            eval_out = net.eval()(*xs)
+            for m in norms:
+                m.train()
+                m.momentum = 0.0  # batch statistics, running ones untouched
+            train_out = net(*xs)
+            for m in norms:
+                m.eval()
+                m.momentum = 0.1
+        return ((train_out - eval_out).norm() / eval_out.norm()).item()
+
+    assert gap(gm) < 2e-3 < 0.05 < gap(unrefit), (gap(gm), gap(unrefit))
+
+
+def test_a_network_stage_that_raises_the_output_error_is_reverted(monkeypatch):
+    model = trained(Net(1))
+    _, blocks_only, xs, _ = calibrated(model, network_steps=0)
+
+    def harmful(gm, blocks, *args, **kwargs):
+        with torch.no_grad():
+            for p in blocks[0].parameters():
+                p.add_(1.0)
+        return 7
+
+    monkeypatch.setattr(calibration, "_fit_network", harmful)
+    _, gm, _, _ = calibrated(model, network_steps=7)
+    (note,) = [n for n in mt.plan_of(gm).notes if n.startswith("calibrated: ")]
+    assert "reverted" in note and "(7 Adam steps" in note
+    assert all(torch.equal(v, blocks_only.state_dict()[k]) for k, v in gm.state_dict().items())
 
 
 def test_least_squares_recovers_a_finest_level_that_can_hold_the_trained_block_exactly():
@@ -440,7 +485,7 @@ def test_progress_lines_and_silence(capsys):
     gm = transform(model, inputs(model, 2))
     mt.calibrate(gm, model, inputs(model, 16)[0], steps=2, network_steps=2, progress=lines.append)
     assert len(lines) == 4 and lines[0].startswith("calibrate stages.0.0 [1/3]: error ") and " -> " in lines[0]
-    assert lines[3].startswith("calibrate network output: error ") and "(2 steps, 16 samples" in lines[3]
+    assert lines[3].startswith("calibrate network output error ") and "(2 Adam steps, 16 samples" in lines[3]
     x = inputs(model, 16)[0]
     mt.calibrate(transform(model, inputs(model, 2)), model, x, steps=2, network_steps=0, progress=False)
     assert capsys.readouterr().err == ""

@@ -37,17 +37,32 @@ How one block is fitted (each choice measured in ``benchmarks/compress_trained.p
     2. *Adam on the block's output*, in eval mode (each BatchNorm a fixed per-channel
        affine map), minimising ``||MGIC_k(x) - y||^2 / mean ||y||^2`` over random
        mini-batches of the cached set, ``steps`` steps with a cosine-decayed learning
-       rate (peak 1e-2: 3e-3 and 3e-2 fitted worse). Every parameter of the block
-       learns: the levels, ``R_j``, ``P_j``, and ``N_j``, whose weight starts at 0
-       under ``init="inherit"`` (its gradient is not zero: the normalised input is
-       not), which switches the coarse corrections on as far as they help.
-    3. *Statistics refit.* After the fit every norm's running statistics are set to
-       the statistics of its input as the fitted block runs, and its affine
-       weight/bias compensated (``w' = w s'/s``, ``b' = b + w (m' - m)/s``,
-       ``s = sqrt(var + eps)``): the eval-mode function is exactly the fitted one,
-       and a train-mode fine-tuning that follows normalises with batch statistics
-       close to the running ones, so it starts from the calibrated network instead
-       of losing it at the first step.
+       rate (peak 1e-2; 3e-3 and 3e-2 fitted worse in an exploratory sweep on seed 0).
+       Every parameter of the block learns: the levels, ``R_j``, ``P_j``, and ``N_j``,
+       whose weight starts at 0 under ``init="inherit"`` (its gradient is not zero:
+       the normalised input is not), which switches the coarse corrections on as far
+       as they help.
+
+Then the blocks together, and the statistics
+    3. *The network's output* (``network_steps``). Block targets weigh every channel
+       of every block alike, whatever it does to the prediction. After the blocks,
+       Adam fits all MGIC blocks' parameters at once (every other layer keeps the
+       original's weights) to the original's *output* on the calibration inputs
+       (``sum_i ||out_i - target_i||^2 / mean ||target_i||^2`` over the model's
+       floating-point outputs, eval mode, lr 1e-3 warmed up, then cosine-decayed): label-free logit
+       matching, as in distillation. Kept only if it lowered that error on the
+       calibration set (else the blocks are put back and the plan's note says so).
+       Each block's ``BlockFit.error_after`` is then measured again, in the final
+       network.
+    4. *Statistics refit*, once, over all blocks in one pass. Every norm's running
+       statistics are set to the statistics of its input as the fitted network runs,
+       and its affine weight/bias compensated (``w' = w s'/s``,
+       ``b' = b + w (m' - m)/s``, ``s = sqrt(var + eps)``): the eval-mode function is
+       exactly the fitted one, and a train-mode fine-tuning that follows normalises
+       with batch statistics close to the running ones, so it starts from the
+       calibrated network instead of losing it at the first step. Done last, not
+       per block, so that every Adam step works on affine maps of their natural
+       scale (a compensated ``w s'/s`` can be far from it).
 
 Memory
     The calibration inputs are read once (at most ``max_samples`` samples) and kept.
@@ -59,7 +74,9 @@ Memory
     per conv/linear layer of the block), all freed before the next block.
     Activations are computed batch by batch (``batch_size``), by running the
     transformed network up to block ``k``'s input and the original up to block
-    ``k``'s exit: never the whole set's activations of every block.
+    ``k``'s exit: never the whole set's activations of every block. The network
+    stage keeps the original's outputs for the calibration set (for a classifier,
+    ``max_samples x classes`` values) and one copy of the blocks' weights.
 
 What is not touched
     ``original`` never changes: it is run as a private copy of its module tree
@@ -543,18 +560,16 @@ def _fit_adam(block: nn.Module, data: _BlockData, *, steps: int, lr: float, batc
 
 def _fit_block(block: MGICBlock, data: _BlockData, *, steps: int, lr: float, batch_size: int,
                generator: torch.Generator, layers: Sequence[tuple[nn.Module, str]] = ()) -> int:
-    """Least squares for ``layers``, statistics, Adam in eval mode, statistics refit; returns Adam steps."""
+    """Least squares for ``layers``, statistics, Adam in eval mode (steps 0-2); returns the Adam steps."""
     checkpointed = getattr(block, "checkpoint", False)
     block.checkpoint = False  # the fit's backward needs no recomputation: one block, one mini-batch
     try:
         _least_squares_finest(block, data, layers, batch_size)
         # the solved layers were fitted through the finest level's norms as they are: keep those
         _estimate_statistics(block, data, batch_size, keep=_running_norms(block.levels[0]) if layers else ())
-        taken = _fit_adam(block, data, steps=steps, lr=lr, batch_size=batch_size, generator=generator)
-        refit_statistics(block, data, batch_size)
+        return _fit_adam(block, data, steps=steps, lr=lr, batch_size=batch_size, generator=generator)
     finally:
         block.checkpoint = checkpointed
-    return taken
 
 
 # ----------------------------------------------------------------------------- the network's output
@@ -602,17 +617,20 @@ def _network_error(gm: torch.fx.GraphModule, calib: CalibrationData, targets: Se
 def _fit_network(gm: torch.fx.GraphModule, blocks: Sequence[nn.Module], calib: CalibrationData,
                  targets: Sequence[torch.Tensor], *, steps: int, lr: float, batch_size: int,
                  generator: torch.Generator) -> int:
-    """Adam on the network's output error, the MGIC blocks' parameters only, in eval mode; then one statistics refit.
+    """Adam on the network's output error, the MGIC blocks' parameters only, in eval mode.
 
-    ``sum_i ||out_i - target_i||^2 / mean ||target_i||^2`` over random mini-batches,
-    cosine-decayed lr; every other layer keeps the original's weights. Returns the steps taken.
+    ``sum_i ||out_i - target_i||^2 / mean ||target_i||^2`` over random mini-batches, lr
+    warmed up over the first tenth of the steps, then cosine-decayed; every other layer
+    keeps the original's weights. Returns the steps taken.
     """
     params = [p for b in blocks for p in b.parameters() if p.requires_grad]
     if steps <= 0 or not params or not targets:
         return 0
     scales = [t.double().pow(2).mean().item() or 1.0 for t in targets]
     opt = torch.optim.Adam(params, lr=lr, foreach=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
+    warmup = max(1, steps // 10)  # Adam's first steps move every weight by about lr at once: ramp up
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: min(1.0, (t + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * t / steps)))
     n = len(calib)
     with torch.enable_grad():
         for _ in range(steps):
@@ -625,7 +643,6 @@ def _fit_network(gm: torch.fx.GraphModule, blocks: Sequence[nn.Module], calib: C
             sched.step()
     for p in params:
         p.grad = None
-    _refit(lambda: [gm(*batch) for batch in calib.batches(batch_size)], blocks)
     return steps
 
 
@@ -773,32 +790,51 @@ def calibrate(gm: torch.fx.GraphModule, original: nn.Module, data: Any, *, steps
 
 def _run(gm: torch.fx.GraphModule, traced: torch.fx.GraphModule, blocks: Sequence[BlockDecision],
          calib: CalibrationData, settings: _Settings) -> tuple[dict[str, BlockFit], Optional[str]]:
-    """The blocks in graph order, then the network stage and every block's final error; returns the fits and a note."""
+    """The blocks in graph order, the network stage, one statistics refit; returns the fits and the stage's note.
+
+    The statistics refit (step 3) runs once, at the end, over every block in one
+    pass: it leaves the eval-mode function as it is, so the blocks fitted after a
+    block, and the network stage, see the same inputs as with a refit per block,
+    while every Adam step works on norms whose affine maps have their natural scale
+    (a compensated weight ``w s'/s`` can be far from it, where Adam's steps of about
+    ``lr`` are then far too large or too small).
+    """
     generator = torch.Generator().manual_seed(settings.seed)
     fits = {d.module: _calibrate_block(gm, traced, d, k, len(blocks), calib, settings, generator)
             for k, d in enumerate(blocks, 1)}
-    if settings.network_steps <= 0:
-        return fits, None
+    modules = [gm.get_submodule(d.module) for d in blocks]
+    note = _network_stage(gm, traced, modules, calib, settings, generator) if settings.network_steps > 0 else None
+    _refit(lambda: [gm(*batch) for batch in calib.batches(settings.batch_size)], modules)
+    if note is not None and "reverted" not in note:
+        for d in blocks:  # the blocks moved: their errors in the final network
+            data = _cache_block(gm, traced, d, calib, settings.batch_size)
+            fits[d.module] = dataclasses.replace(fits[d.module], error_after=_relative_error(
+                gm.get_submodule(d.module), data, settings.batch_size))
+    return fits, note
+
+
+def _network_stage(gm: torch.fx.GraphModule, traced: torch.fx.GraphModule, modules: Sequence[nn.Module],
+                   calib: CalibrationData, settings: _Settings, generator: torch.Generator) -> Optional[str]:
+    """Step 4, kept only if it lowered the output error on the calibration set; returns the plan's note."""
     t0 = time.perf_counter()
     targets = _network_targets(traced, calib, settings.batch_size)
-    before = _network_error(gm, calib, targets, settings.batch_size) if targets else 0.0
-    taken = _fit_network(gm, [gm.get_submodule(d.module) for d in blocks], calib, targets,
-                         steps=settings.network_steps, lr=settings.network_lr, batch_size=settings.batch_size,
-                         generator=generator)
-    if not taken:
-        return fits, None
+    if not targets:
+        return None
+    before = _network_error(gm, calib, targets, settings.batch_size)
+    saved = [copy.deepcopy(m.state_dict()) for m in modules]
+    taken = _fit_network(gm, modules, calib, targets, steps=settings.network_steps, lr=settings.network_lr,
+                         batch_size=settings.batch_size, generator=generator)
     after = _network_error(gm, calib, targets, settings.batch_size)
-    del targets
-    for d in blocks:  # the blocks moved: their errors in the final network
-        data = _cache_block(gm, traced, d, calib, settings.batch_size)
-        fits[d.module] = dataclasses.replace(fits[d.module], error_after=_relative_error(
-            gm.get_submodule(d.module), data, settings.batch_size))
-    note = (f"calibrated: network output error {before:.3f} -> {after:.3f} ({taken} Adam steps on the output after "
-            f"the blocks', {len(calib)} samples, {time.perf_counter() - t0:.1f} s)")
+    kept = after <= before
+    if not kept:
+        for m, state in zip(modules, saved):
+            m.load_state_dict(state)
+    what = (f"network output error {before:.3f} -> {after:.3f}" if kept else
+            f"network output error {before:.3f} (the network stage reverted: it raised it to {after:.3f})")
+    line = f"{what} ({taken} Adam steps, {len(calib)} samples, {time.perf_counter() - t0:.1f} s)"
     if settings.report is not None:
-        settings.report(f"calibrate network output: error {before:.3f} -> {after:.3f} ({taken} steps, "
-                        f"{len(calib)} samples, {time.perf_counter() - t0:.1f} s)")
-    return fits, note
+        settings.report(f"calibrate {line}")
+    return f"calibrated: {line}"
 
 
 def _calibrate_block(gm: torch.fx.GraphModule, traced: torch.fx.GraphModule, d: BlockDecision, k: int, total: int,
