@@ -569,3 +569,37 @@ def test_linear_blocks_and_transition_blocks_are_fitted(kind, steps, factor):
     fits = [d.fit for d in mt.plan_of(gm).rewritten]
     assert len(fits) >= 2 and all(f.error_after < factor * f.error_before for f in fits), fits
     gm.graph.lint()
+
+
+def test_block_errors_measure_each_block_on_its_own_without_changing_anything():
+    """The budget search's sensitivity: per block, on the original's own activations, nothing modified; errors fall
+    as the finest level's groups grow (each grouped level holds the smaller groups' solutions) and do not depend on
+    the other blocks' weights."""
+    model = trained(Net(1, c=32))
+    x = inputs(model, 96)[0]
+    errors = []
+    for group_size, coarsest in ((4, 8), (8, 8), (16, 16)):
+        gm = transform_sizes(model, x[:2], group_size, coarsest).train()
+        state = {k: v.clone() for k, v in gm.state_dict().items()}
+        errors.append(calibration.block_errors(gm, model, x))
+        paths = {d.path for d in mt.plan_of(gm).rewritten}
+        assert set(errors[-1]) == paths == {"stages.0.0", "stages.0.1", "stages.1.0"}
+        assert all(torch.equal(v, gm.state_dict()[k]) for k, v in state.items()) and gm.training
+        assert all(d.fit is None for d in mt.plan_of(gm).rewritten)
+    for path in errors[0]:
+        assert errors[0][path] > errors[1][path] > errors[2][path] > 0, [e[path] for e in errors]
+    with torch.no_grad():
+        for p in gm.get_submodule(mt.plan_of(gm).rewritten[0].module).parameters():
+            p.normal_()
+    scrambled = calibration.block_errors(gm, model, x)
+    assert scrambled["stages.0.0"] != errors[2]["stages.0.0"]
+    assert scrambled["stages.0.1"] == errors[2]["stages.0.1"] and scrambled["stages.1.0"] == errors[2]["stages.1.0"]
+    as_is = calibration.block_errors(gm, model, x, least_squares=False)
+    assert as_is["stages.0.1"] > errors[2]["stages.0.1"]
+
+
+def transform_sizes(model, example, group_size, coarsest):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return mt.mgicify(model, example, group_size=group_size, coarsest_width=coarsest, rule="compact",
+                          init="inherit")

@@ -112,8 +112,8 @@ from ..plan import BlockDecision, BlockFit, MGICPlan, attach_plan, plan_of
 from ..tracing import eliminate_dead_code, trace
 from .inherit import _prefix as _inherit_prefix
 
-__all__ = ["calibrate", "CalibrationData", "refit_statistics", "DEFAULT_STEPS", "DEFAULT_LR", "DEFAULT_NETWORK_STEPS",
-           "DEFAULT_NETWORK_LR", "DEFAULT_BATCH_SIZE"]
+__all__ = ["calibrate", "block_errors", "CalibrationData", "refit_statistics", "DEFAULT_STEPS", "DEFAULT_LR",
+           "DEFAULT_NETWORK_STEPS", "DEFAULT_NETWORK_LR", "DEFAULT_BATCH_SIZE"]
 
 DEFAULT_STEPS = 300  # Adam steps per block
 DEFAULT_LR = 1e-2  # peak learning rate of the per-block Adam fit (cosine-decayed to 0); 3e-3 and 3e-2 fitted worse
@@ -277,36 +277,53 @@ def _mgic_node(gm: torch.fx.GraphModule, module: str) -> torch.fx.Node:
 
 @torch.no_grad()
 def _cache_block(gm: torch.fx.GraphModule, original: torch.fx.GraphModule, d: BlockDecision,
-                 data: CalibrationData, batch_size: int, inner: Sequence[str] = ()) -> _BlockData:
+                 data: CalibrationData, batch_size: int, inner: Sequence[str] = (), *,
+                 inputs_from_original: bool = False, check: Optional[nn.Module] = None) -> _BlockData:
     """Run the transformed network to block ``d``'s input and the original to its exit, batch by batch.
 
     ``inner`` names nodes inside the original block whose values are cached too
-    (the layer targets of :func:`_least_squares_finest`).
+    (the layer targets of :func:`_least_squares_finest`). ``inputs_from_original``:
+    the block's inputs are the original's activations at the block's entry instead
+    (every block then measured on its own, as :func:`block_errors` does). ``check``:
+    the module whose output shape is checked against the target's (default: the block).
     """
-    node = _mgic_node(gm, d.module)
     exit_name = d.nodes[-1]
     if not any(n.name == exit_name for n in original.graph.nodes):
         raise InputError(f"the original model has no node {exit_name!r}, the exit of block {d.path!r} when mgicify "
                          f"traced it. Hint: pass calibrate() the same model (same code, leaf_modules and "
                          f"concrete_args) that mgicify transformed.")
-    entry = node.args[0]
-    to_input = _prefix(gm, [entry.name], stop_before=node.name)
-    to_exit = _prefix(original, [exit_name, *inner])
-    xs: list[torch.Tensor] = []
-    ys: list[list[torch.Tensor]] = [[] for _ in range(1 + len(inner))]
+    node = _mgic_node(gm, d.module)
+    wanted = [exit_name, *inner, *([_entry_name(original, d)] if inputs_from_original else [])]
+    to_input = None if inputs_from_original else _prefix(gm, [node.args[0].name], stop_before=node.name)
+    to_exit = _prefix(original, wanted)
+    values: list[list[torch.Tensor]] = [[] for _ in range(2 + len(inner))]  # the exit, the inner nodes, the input
     for batch in data.batches(batch_size):
-        (x,) = to_input(*(t.clone() for t in batch))  # clones: a graph may write into its input in place
-        xs.append(x.detach().clone())
-        for store, value in zip(ys, to_exit(*(t.clone() for t in batch))):
-            store.append(value.detach().clone())
-    x, y = torch.cat(xs), torch.cat(ys[0])
-    block = gm.get_submodule(d.module)
-    out_shape = block(x[:1]).shape
+        outs = [v.detach().clone() for v in to_exit(*(t.clone() for t in batch))]  # clones: a graph may write into
+        if to_input is not None:                                                   # its input in place
+            outs.append(to_input(*(t.clone() for t in batch))[0].detach().clone())
+        for store, value in zip(values, outs):
+            store.append(value)
+    y, x = torch.cat(values[0]), torch.cat(values[-1])
+    block = gm.get_submodule(d.module) if check is None else check
+    training = block.training
+    out_shape = block.eval()(x[:1]).shape
+    block.train(training)
     if out_shape[1:] != y.shape[1:]:
         raise InputError(f"block {d.path!r}: the MGIC block returns {tuple(out_shape[1:])} per sample but the "
                          f"original's activation at {exit_name!r} is {tuple(y.shape[1:])}. Hint: pass calibrate() "
                          f"the model mgicify transformed.")
-    return _BlockData(x, y, {name: torch.cat(v) for name, v in zip(inner, ys[1:])})
+    return _BlockData(x, y, {name: torch.cat(v) for name, v in zip(inner, values[1:1 + len(inner)])})
+
+
+def _entry_name(original: torch.fx.GraphModule, d: BlockDecision) -> str:
+    """The node of the original graph whose value enters block ``d`` (its one input that is not a constant)."""
+    inside = set(d.nodes)
+    entries = {a.name for n in original.graph.nodes if n.name in inside for a in n.all_input_nodes
+               if a.name not in inside and a.op != "get_attr"}
+    if len(entries) != 1:
+        raise MGICError(f"block {d.path!r} has {len(entries)} inputs in the original graph ({sorted(entries)}), not "
+                        f"one. Hint: measure it in the transformed network (mt.calibrate).")
+    return entries.pop()
 
 
 @torch.no_grad()
@@ -786,6 +803,42 @@ def calibrate(gm: torch.fx.GraphModule, original: nn.Module, data: Any, *, steps
                 m.training = flag
     _store_plan(gm, plan, fits, note)
     return gm
+
+
+def block_errors(gm: torch.fx.GraphModule, original: nn.Module, data: Any, *, least_squares: bool = True,
+                 batch_size: int = DEFAULT_BATCH_SIZE, max_samples: int = 256) -> dict[str, float]:
+    """How far each rewritten block of ``gm`` is from the block it replaced, measured on its own: ``{path: error}``.
+
+    For every rewritten block, ``||B(x) - y|| / ||y||`` where ``x`` and ``y`` are the
+    *original's* activations at the block's entry and exit on the calibration
+    inputs, and ``B`` a private copy of the MGIC block after the cheap, deterministic
+    part of the fit (the finest level solved in closed form, statistics re-estimated;
+    no Adam). The inputs come from the original, not from the transformed network,
+    so a block's error does not depend on how the others are sized: errors of
+    different candidate networks can be combined block by block (the budget
+    search's ``Sensitivity``). ``gm`` and ``original`` are not modified; the keys
+    are ``BlockDecision.path``. ``least_squares=False`` measures the blocks as they
+    are (statistics re-estimated only).
+    """
+    plan, example = _plan_and_inputs(gm)
+    if not isinstance(original, nn.Module):
+        raise InputError(f"original must be the nn.Module mgicify transformed, got {type(original).__name__}. "
+                         f"Hint: block_errors(gm, model, data).")
+    _check_options(0, DEFAULT_LR, batch_size, max_samples, 0, 0, DEFAULT_NETWORK_LR)
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        calib = CalibrationData.read(data, len(example), example, max_samples, device)
+    traced = _private_original(original, plan)
+    errors = {}
+    for d in _in_graph_order(gm, plan):
+        block = copy.deepcopy(gm.get_submodule(d.module)).eval()
+        layers = _finest_layers(block, d, traced) if least_squares else []
+        cached = _cache_block(gm, traced, d, calib, batch_size, inner=[node for _, node in layers],
+                              inputs_from_original=True, check=block)
+        _least_squares_finest(block, cached, layers, batch_size)
+        _estimate_statistics(block, cached, batch_size, keep=_running_norms(block.levels[0]) if layers else ())
+        errors[d.path] = _relative_error(block, cached, batch_size)
+    return errors
 
 
 def _run(gm: torch.fx.GraphModule, traced: torch.fx.GraphModule, blocks: Sequence[BlockDecision],
