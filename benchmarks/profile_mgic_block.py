@@ -185,12 +185,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per block (default 7, --quick 2)")
     p.add_argument("--ablation", action="store_true",
                    help="also time the block as first written, each speed change alone, and mt.fold_batchnorm")
-    p.add_argument("--quick", action="store_true", help="batch 2, 2 rounds")
+    p.add_argument("--quick", action="store_true", help="batch 2, 64 px, 1 round (a smoke test of the script)")
     p.add_argument("--write", action="store_true", help="write benchmarks/results/profile_mgic_block[_channels_last].md")
     args = p.parse_args(argv)
     if args.quick:
         args.batch = min(args.batch, 2)
-    rounds = args.rounds or (2 if args.quick else 7)
+    rounds = args.rounds or (1 if args.quick else 7)
+    size = 64 if args.quick else 224
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     torch.set_num_threads(args.threads)
     started = load_line()
@@ -202,7 +203,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     rule="compact").eval()  # the network the ablation was measured on (version 0.1's rule)
     orig.to(memory_format=fmt)
     gm.to(memory_format=fmt)
-    x = torch.randn(args.batch, 3, 224, 224).contiguous(memory_format=fmt)
+    x = torch.randn(args.batch, 3, size, size).contiguous(memory_format=fmt)
     inputs = block_inputs(gm, x)
     blocks = {n: m for n, m in gm.named_modules() if isinstance(m, mt.MGICBlock)}
 
@@ -270,7 +271,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     out = [
         *preamble("MGICBlock CPU profile: ResNet-50, s_g=32, s_c=64", started),
-        f"- batch {args.batch}x3x224x224, eval, inference_mode, "
+        f"- batch {args.batch}x3x{size}x{size}, eval, inference_mode, "
         f"{'channels_last' if args.channels_last else 'NCHW (contiguous)'}; block times are medians of {rounds} "
         "interleaved rounds on the block's real input",
         "",
