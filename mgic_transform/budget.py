@@ -62,16 +62,20 @@ Sensitivity = Callable[[str, torch.fx.GraphModule], float]
 
 @dataclass
 class Candidate:
-    """One measured network: its options, its exact ratio, and what each rewritten block costs.
+    """One measured network: its options, its ratio, and what each rewritten block costs.
 
-    ``blocks`` maps a block's path to ``(cost before, cost after)`` in the metric searched
-    (a block left alone is absent: it costs what it did).
+    ``ratio`` is exact for parameters and, for FLOPs, the cheap meta-tensor estimate
+    (multiply-adds of conv/linear/matmul); ``exact`` is the report's figure, counted only
+    for the candidates that may be the answer. ``blocks`` maps a block's path to ``(cost
+    before, cost after)`` in the estimate's unit (a block left alone is absent: it costs
+    what it did).
     """
 
     options: MGICOptions
     ratio: float
     gm: torch.fx.GraphModule
     blocks: dict[str, tuple[int, int]] = field(default_factory=dict)
+    exact: Optional[float] = None
 
     @property
     def sizes(self) -> Sizes:
@@ -79,18 +83,25 @@ class Candidate:
 
 
 class _Meter:
-    """Counts the metric searched: exactly (the report's count), and per block for the per-block step."""
+    """Counts the metric searched: estimated (cheap), exactly (the report's count), and per block.
+
+    For parameters the three agree. For FLOPs the estimate is the multiply-adds of
+    conv/linear/matmul on meta tensors, and the exact count is fvcore's (norms and pooling
+    too), which runs the network for real: the search ranks by the estimate, scaled by the
+    ratio of the two measured on the candidates it verified, and verifies its answers.
+    """
 
     def __init__(self, model: nn.Module, inputs: Sequence[Any], metric: str) -> None:
         self.model, self.inputs, self.metric = model, tuple(inputs), metric
         if metric == "params":
             self.original = count_params(model)
             self._module_macs: dict[str, int] = {}
+            self._estimate_total = self.original
         else:
             self.original = self._fvcore(model)
             self._module_macs = _macs_by_module(model, self.inputs)
             self._estimate_total = self._module_macs.get("", 0)
-        if self.original == 0:
+        if self.original == 0 or self._estimate_total == 0:
             raise ConfigError(f"target_{metric} needs a model with {'parameters' if metric == 'params' else 'FLOPs'} "
                               f"to count. Hint: use target_params.")
 
@@ -105,17 +116,18 @@ class _Meter:
         """The ratio ``compare()`` reports."""
         return (count_params(gm) if self.metric == "params" else self._fvcore(gm)) / self.original
 
-    def per_block(self, gm: torch.fx.GraphModule, plan: MGICPlan) -> dict[str, tuple[int, int]]:
-        """``path -> (cost before, cost after)`` of every rewritten block."""
+    def estimate(self, gm: torch.fx.GraphModule, plan: MGICPlan) -> tuple[float, dict[str, tuple[int, int]]]:
+        """The estimated ratio, and ``path -> (cost before, cost after)`` of every rewritten block."""
         if self.metric == "params":
-            return {d.path: (d.params_before, d.params_after) for d in plan.rewritten}
+            return count_params(gm) / self.original, {d.path: (d.params_before, d.params_after) for d in plan.rewritten}
         macs = _macs_by_module(gm, self.inputs)
-        return {d.path: (sum(self._module_macs.get(p, 0) for p in outermost(d.layers)), macs.get(d.module, 0))
-                for d in plan.rewritten}
+        blocks = {d.path: (sum(self._module_macs.get(p, 0) for p in outermost(d.layers)), macs.get(d.module, 0))
+                  for d in plan.rewritten}
+        return macs.get("", 0) / self._estimate_total, blocks
 
     def scale(self) -> float:
-        """The per-block costs' unit, as a fraction of the original's total (exact for parameters)."""
-        return 1.0 / (self.original if self.metric == "params" else max(1, self._estimate_total))
+        """The per-block costs' unit, as a fraction of the original's estimated total."""
+        return 1.0 / self._estimate_total
 
 
 def _macs_by_module(model: nn.Module, inputs: Sequence[Any]) -> dict[str, int]:
@@ -161,6 +173,7 @@ class _Search:
         self.meter = _Meter(model, inputs, self.metric)
         self.seen: dict[tuple, Candidate] = {}
         self.warnings: dict[int, list[warnings.WarningMessage]] = {}
+        self.correction = 1.0  # exact / estimated ratio of the last candidate counted exactly
 
     def measure(self, options: MGICOptions) -> Candidate:
         key = (options.sizes, options.rewrites_transitions, options.block_sizes)
@@ -169,26 +182,50 @@ class _Search:
                 warnings.simplefilter("always")
                 gm = self.transform(self.model, self.inputs, options)
             plan = plan_of(gm)
-            cand = Candidate(plan.options, self.meter.exact(gm), gm, self.meter.per_block(gm, plan))
+            ratio, blocks = self.meter.estimate(gm, plan)
+            cand = Candidate(plan.options, ratio, gm, blocks)
             self.warnings[id(cand)] = list(caught)
             self.seen[key] = cand
         return self.seen[key]
 
+    def exact(self, cand: Candidate) -> float:
+        """The report's ratio of ``cand`` (counted once); it updates the estimate's correction."""
+        if cand.exact is None:
+            cand.exact = cand.ratio if self.metric == "params" else self.meter.exact(cand.gm)
+            self.correction = cand.exact / cand.ratio if cand.ratio else 1.0
+        return cand.exact
+
+    def fits(self, cand: Candidate) -> bool:
+        """Whether ``cand`` is within the target, by the estimate scaled to the report's count."""
+        return cand.ratio * self.correction <= self.target
+
+    def verified(self, cands: Sequence[Candidate]) -> Optional[Candidate]:
+        """The largest of ``cands`` whose exact ratio is within the target (the estimate may be off by a few %)."""
+        for cand in sorted(cands, key=lambda c: c.ratio, reverse=True):
+            if self.exact(cand) <= self.target:
+                return cand
+        return None
+
     def uniform(self, transitions: bool) -> Optional[Candidate]:
         """The largest one-size network that fits, by bisection over ``s_g`` (``s_c = s_g``, ``2 s_g``)."""
         sizes = _powers_of_two(_widest(self.model))
-        best: Optional[Candidate] = None
+        fitting = []
         for factor in (1, 2):
             lo, hi = 0, len(sizes) - 1
             while lo <= hi:
                 mid = (lo + hi) // 2
                 cand = self.measure(self.base.replace(group_size=sizes[mid], coarsest_width=factor * sizes[mid],
                                                       transitions=transitions))
-                if cand.ratio <= self.target:
-                    best = cand if best is None or cand.ratio > best.ratio else best
+                if self.metric == "flops" and cand.exact is None and len(self.seen) == 1:
+                    self.exact(cand)  # the first candidate calibrates the estimate
+                if self.fits(cand):
+                    fitting.append(cand)
                     lo = mid + 1
                 else:
                     hi = mid - 1
+        same = [c for c in self.seen.values() if c.options.rewrites_transitions == transitions]
+        best = self.verified(fitting) or self.verified([c for c in same if c.ratio < min(
+            (f.ratio for f in fitting), default=float("inf"))])
         if best is not None:  # the next sizes up, which the per-block step may give some blocks
             s_g = best.sizes[0]
             for g, c in ((2 * s_g, 2 * s_g), (2 * s_g, 4 * s_g), (4 * s_g, 4 * s_g), (s_g, 2 * s_g)):
@@ -202,7 +239,8 @@ class _Search:
 
     def unreachable(self) -> MGICError:
         smallest = min(self.seen.values(), key=lambda c: c.ratio)
-        opts, hints = self.base, [f"ask for target_{self.metric}>={smallest.ratio:.3f}"]
+        ratio = self.exact(smallest)
+        opts, hints = self.base, [f"ask for target_{self.metric}>={ratio:.3f}"]
         if opts.transitions is False:
             hints.append("pass transitions=True to rewrite width-changing blocks too")
         if opts.rule != "compact":
@@ -210,7 +248,7 @@ class _Search:
         s_g, s_c = smallest.sizes
         return MGICError(
             f"target_{self.metric}={self.target:g} cannot be met: the smallest MGIC network found has "
-            f"{smallest.ratio:.3f} of the original's {self.metric} (group_size={s_g}, coarsest_width={s_c}"
+            f"{ratio:.3f} of the original's {self.metric} (group_size={s_g}, coarsest_width={s_c}"
             f"{', transitions=True' if smallest.options.transitions else ''}). Hint: {', or '.join(hints)}.")
 
 
@@ -277,23 +315,28 @@ def _stages(paths: Sequence[str], widths: dict[str, int]) -> list[list[str]]:
 
 
 def _allocate(search: _Search, start: Candidate, sensitivity: Optional[Sensitivity]) -> _Allocation:
-    """Per-block sizes within the target: by stage, then by block; or by error per cost with a sensitivity."""
+    """Per-block sizes within the target: by stage, then by block; or by error per cost with a sensitivity.
+
+    The sums are estimates (exact for parameters): the target is scaled by the start's exact-to-
+    estimated ratio, and the answer is verified exactly (:func:`_per_block`).
+    """
     options = [c for c in search.seen.values()
                if c.options.rewrites_transitions == start.options.rewrites_transitions and not c.options.block_sizes]
     plan = plan_of(start.gm)
     paths = [d.path for d in plan.rewritten]
     alloc = _Allocation.start(start, options, paths, search.meter.scale())
+    target = search.target * start.ratio / search.exact(start)
     if sensitivity is None:
         widths = {d.path: d.out_width for d in plan.rewritten}
-        _fill(alloc, options, search.target, _stages(paths, widths))
-        return _fill(alloc, options, search.target, [[p] for p in paths])
+        _fill(alloc, options, target, _stages(paths, widths))
+        return _fill(alloc, options, target, [[p] for p in paths])
     errors = {(p, id(c)): (sensitivity(p, c.gm) if p in c.blocks else 0.0) for c in options for p in paths}
 
     def value(item: Sequence[str], new: Candidate, delta: float) -> float:
         gain = sum(errors[(p, id(alloc.choice[p]))] - errors[(p, id(new))] for p in item)
         return gain / delta
 
-    return _fill(alloc, options, search.target, [[p] for p in paths], value)
+    return _fill(alloc, options, target, [[p] for p in paths], value)
 
 
 def _per_block(search: _Search, start: Candidate, sensitivity: Optional[Sensitivity]) -> Candidate:
@@ -304,8 +347,8 @@ def _per_block(search: _Search, start: Candidate, sensitivity: Optional[Sensitiv
         if not sizes:
             return start
         cand = search.measure(start.options.replace(block_sizes=sizes))
-        if cand.ratio <= search.target:
-            return cand if cand.ratio >= start.ratio else start
+        if search.exact(cand) <= search.target:
+            return cand if cand.exact >= start.exact else start
         path, previous, total = alloc.steps.pop()  # the estimate was optimistic: undo the last move
         alloc.choice[path], alloc.total = previous, total
 
@@ -333,7 +376,7 @@ def search_budget(model: nn.Module, inputs: Sequence[Any], options: MGICOptions,
     chosen = _per_block(search, best, sensitivity) if per_block else best
     search.replay_warnings(chosen)
     plan = plan_of(chosen.gm)
-    budget = Budget(search.metric, search.target, chosen.ratio, len(search.seen))
+    budget = Budget(search.metric, search.target, search.exact(chosen), len(search.seen))
     _attach(chosen.gm, plan, budget)
     return chosen.gm
 
