@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.fx
@@ -26,6 +26,7 @@ from .layers import example_input_shape
 from .nn.mgic_block import MGICBlock
 from .options import LeafSpec, MGICOptions
 from .passes.blocks import find_blocks
+from .passes.calibrate import CalibrationData, block_errors, calibrate
 from .passes.inherit import inherit_weights
 from .passes.ownership import mark_overwritable_inputs
 from .passes.rewrite import rewrite_blocks
@@ -34,6 +35,8 @@ from .plan import BlockDecision, MGICPlan, attach_plan
 from .tracing import eliminate_dead_code, trace
 
 __all__ = ["mgicify", "infer_example_inputs"]
+
+MAX_CALIBRATION_SAMPLES = 1024  # what mgicify reads of the calibration data (calibrate's max_samples default)
 
 
 def _drop_unreferenced_tensors(gm: torch.fx.GraphModule) -> None:
@@ -237,13 +240,13 @@ def mgicify(
     _check_concrete_args(model, opts.concrete_args)
     _check_calibration(opts, calibration)
     inputs = _example_inputs(model, example_inputs)
+    calibration = _read_calibration(calibration, inputs) if opts.init == "calibrate" else None
     if opts.target is not None:
-        gm = search_budget(model, inputs, opts, transform=_transform)
+        sensitivity = _block_sensitivity(model, calibration) if calibration is not None else None
+        gm = search_budget(model, inputs, opts, transform=_transform, sensitivity=sensitivity)
     else:
         gm = _transform(model, inputs, opts)
-    if opts.init == "calibrate":
-        from .passes.calibrate import calibrate
-
+    if calibration is not None:
         steps = {} if opts.calibration_steps is None else {"steps": opts.calibration_steps}
         calibrate(gm, model, calibration, **steps)
     return gm
@@ -284,6 +287,25 @@ def _check_calibration(options: MGICOptions, calibration: Any) -> None:
     if calibration is not None and options.init != "calibrate":
         raise ConfigError(f"calibration data is used only with init=\"calibrate\" (got init={options.init!r}), so it "
                           f"would be ignored. Hint: pass init=\"calibrate\" as well.")
+
+
+def _read_calibration(data: Any, inputs: tuple) -> list[tuple[torch.Tensor, ...]]:
+    """The calibration samples, read once (a DataLoader or a generator may be iterated only once), checked."""
+    calib = CalibrationData.read(data, len(inputs), inputs, MAX_CALIBRATION_SAMPLES,
+                                 inputs[0].device if inputs else torch.device("cpu"))
+    return [calib.inputs]
+
+
+def _block_sensitivity(model: nn.Module, calibration: list) -> Callable[[str, torch.fx.GraphModule], float]:
+    """For the budget search: each block's output error at a candidate's sizes (``calibrate.block_errors``)."""
+    errors: dict[int, dict[str, float]] = {}
+
+    def sensitivity(path: str, gm: torch.fx.GraphModule) -> float:
+        if id(gm) not in errors:  # the candidates live as long as the search: their ids stay theirs
+            errors[id(gm)] = block_errors(gm, model, calibration)
+        return errors[id(gm)].get(path, 0.0)
+
+    return sensitivity
 
 
 def _example_inputs(model: nn.Module, example_inputs: Any) -> tuple:
