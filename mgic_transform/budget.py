@@ -30,7 +30,7 @@ The search runs in two steps.
 
    The chosen sizes go into ``MGICOptions.block_sizes``; the network is built
    and measured exactly. If the sum was optimistic (FLOPs are estimated on meta
-   tensors during the search), steps are undone until the exact count fits.
+   tensors during the search), the fill is redone against a lowered target.
 
 Every answer is measured, never estimated, so it is never over the target.
 """
@@ -260,13 +260,12 @@ class _Allocation:
     """Which measured sizes every block gets, and what that costs in all (a fraction of the original).
 
     ``cost[p][id(c)]``: block ``p``'s cost at candidate ``c``'s sizes, the original block's
-    where ``c`` left it alone. ``steps`` records every move, to undo the last ones.
+    where ``c`` left it alone.
     """
 
     choice: dict[str, Candidate]
     total: float
     cost: dict[str, dict[int, float]]
-    steps: list[tuple[str, Candidate, float]] = field(default_factory=list)  # (block, previous, previous total)
 
     @classmethod
     def start(cls, start: Candidate, options: Sequence[Candidate], paths: Sequence[str], unit: float) -> "_Allocation":
@@ -279,7 +278,6 @@ class _Allocation:
 
     def move(self, item: Sequence[str], new: Candidate, delta: float) -> None:
         for p in item:
-            self.steps.append((p, self.choice[p], self.total))
             self.choice[p] = new
         self.total += delta
 
@@ -314,7 +312,8 @@ def _stages(paths: Sequence[str], widths: dict[str, int]) -> list[list[str]]:
     return list(groups.values())
 
 
-def _allocate(search: _Search, start: Candidate, sensitivity: Optional[Sensitivity]) -> _Allocation:
+def _allocate(search: _Search, start: Candidate, sensitivity: Optional[Sensitivity], scale: float = 1.0
+              ) -> _Allocation:
     """Per-block sizes within the target: by stage, then by block; or by error per cost with a sensitivity.
 
     The sums are estimates (exact for parameters): the target is scaled by the start's exact-to-
@@ -325,7 +324,7 @@ def _allocate(search: _Search, start: Candidate, sensitivity: Optional[Sensitivi
     plan = plan_of(start.gm)
     paths = [d.path for d in plan.rewritten]
     alloc = _Allocation.start(start, options, paths, search.meter.scale())
-    target = search.target * start.ratio / search.exact(start)
+    target = scale * search.target * start.ratio / search.exact(start)
     if sensitivity is None:
         widths = {d.path: d.out_width for d in plan.rewritten}
         _fill(alloc, options, target, _stages(paths, widths))
@@ -340,17 +339,23 @@ def _allocate(search: _Search, start: Candidate, sensitivity: Optional[Sensitivi
 
 
 def _per_block(search: _Search, start: Candidate, sensitivity: Optional[Sensitivity]) -> Candidate:
-    """Step 2: fill the budget block by block, then build and measure the result exactly."""
-    alloc = _allocate(search, start, sensitivity)
-    while True:
+    """Step 2: fill the budget block by block, then build and measure the result exactly.
+
+    When the exact count is over the target (the estimate was optimistic), the fill is
+    redone against a target lowered by the measured error, at most three times, then the
+    one-size answer stands.
+    """
+    scale = 1.0
+    for _ in range(3):
+        alloc = _allocate(search, start, sensitivity, scale)
         sizes = tuple((p, *c.sizes) for p, c in alloc.choice.items() if c.sizes != start.sizes)
         if not sizes:
             return start
         cand = search.measure(start.options.replace(block_sizes=sizes))
         if search.exact(cand) <= search.target:
             return cand if cand.exact >= start.exact else start
-        path, previous, total = alloc.steps.pop()  # the estimate was optimistic: undo the last move
-        alloc.choice[path], alloc.total = previous, total
+        scale *= search.target / cand.exact * (1 - 1e-3)
+    return start
 
 
 # ----------------------------------------------------------------------------- the search
