@@ -79,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("ignore")
     started = load_line()
     repeats, targets = (1, TARGETS[:2]) if args.quick else (args.repeats, TARGETS)
-    lines = preamble("Compression to a budget: how close, how fast", started) + [
+    lines = [
         f"- command: `python benchmarks/budget_time.py{' --quick' if args.quick else ''} --write`; "
-        f"{torch.get_num_threads()} threads; median of {repeats} runs",
+        f"{torch.get_num_threads()} intra-op thread(s); median of {repeats} run(s)",
         "- *one size*: the best ratio of one (group_size, coarsest_width) for every block (the search before "
         "per-block sizes); *reached*: the full search, as `compare()` reports it; *within 3%*: "
         "0.97 target <= reached <= target",
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             except mt.MGICError as exc:
                 lines.append(f"| {name} | {case} | - | - | - | {exc} | - | - | - |")
             print(lines[-1], file=sys.stderr, flush=True)
-    lines += ["", f"- load at end: {load_line()}"]
+    lines = preamble("Compression to a budget: how close, how fast", started) + lines  # the load at the end, too
     emit("\n".join(lines) + "\n", Path(__file__).resolve().parent / "results" / "budget_time.md" if args.write else None)
     return 0
 

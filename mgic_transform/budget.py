@@ -18,15 +18,17 @@ The search runs in two steps.
 2. **Sizes per block, to fill the budget.** Every candidate measured in step 1
    also says what each block costs at its sizes (the plan's per-block
    parameters; per-module multiply-adds for FLOPs), and a block's cost does not
-   depend on how the others are sized. Starting from the step-1 answer, blocks
-   move up to larger sizes while the sum stays within the target:
+   depend on how the others are sized, so the cost of any assignment is a sum:
+   choosing one measured size per block within the target is a multiple-choice
+   knapsack, solved exactly by dynamic programming (:func:`_knapsack`):
 
-   - without calibration data, whole *stages* first (the blocks of one width move
-     together), then single blocks, always the largest step that still fits;
+   - without calibration data, the fullest fill: the largest network that fits,
+     with one size per *stage* (the blocks of one width) unless sizes per block
+     fill the budget better;
    - with a ``sensitivity`` (calibration data: the output error each block would
      have at each size, :func:`mgic_transform.passes.calibrate.block_errors`),
-     the step that lowers the error most per unit of cost, in the spirit of
-     non-uniform allocation in one-shot pruning (OWL, SparseGPT's allocations).
+     the least summed error, in the spirit of non-uniform allocation in one-shot
+     pruning (OWL; the layer-wise budgets of SparseGPT's successors).
 
    The chosen sizes go into ``MGICOptions.block_sizes``; the network is built
    and measured exactly. If the sum was optimistic (FLOPs are estimated on meta
@@ -37,10 +39,12 @@ Every answer is measured, never estimated, so it is never over the target.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.fx
 from torch import nn
@@ -255,12 +259,16 @@ class _Search:
 # ----------------------------------------------------------------------------- step 2: sizes per block
 
 
+#: The knapsack's cost resolution, as a fraction of the original's total (exact answers are verified anyway).
+_RESOLUTION = 1e-4
+
+
 @dataclass
 class _Allocation:
     """Which measured sizes every block gets, and what that costs in all (a fraction of the original).
 
-    ``cost[p][id(c)]``: block ``p``'s cost at candidate ``c``'s sizes, the original block's
-    where ``c`` left it alone.
+    ``cost[p][id(c)]``: block ``p``'s cost at candidate ``c``'s sizes (the original block's where
+    ``c`` left it alone), in the estimate's unit; ``total`` the whole network's.
     """
 
     choice: dict[str, Candidate]
@@ -273,35 +281,53 @@ class _Allocation:
         cost = {p: {id(c): (c.blocks[p][1] if p in c.blocks else before[p]) * unit for c in options} for p in paths}
         return cls({p: start for p in paths}, start.ratio, cost)
 
-    def delta(self, item: Sequence[str], new: Candidate) -> float:
-        return sum(self.cost[p][id(new)] - self.cost[p][id(self.choice[p])] for p in item)
-
-    def move(self, item: Sequence[str], new: Candidate, delta: float) -> None:
-        for p in item:
-            self.choice[p] = new
-        self.total += delta
+    def item_cost(self, item: Sequence[str], cand: Candidate) -> float:
+        return sum(self.cost[p][id(cand)] for p in item)
 
 
-Value = Callable[[Sequence[str], Candidate, float], float]
+Value = Callable[[Sequence[str], Candidate], float]
 
 
-def _fill(alloc: _Allocation, options: Sequence[Candidate], target: float, items: list[list[str]],
-          value: Optional[Value] = None) -> _Allocation:
-    """Greedy: move items (groups of blocks) to larger sizes while the total stays within ``target``.
+def _knapsack(alloc: _Allocation, options: Sequence[Candidate], target: float, items: list[list[str]],
+              value: Value) -> tuple[dict[str, Candidate], float]:
+    """The sizes that maximise the summed ``value(item, candidate)`` within ``target``: ``(choice, total)``.
 
-    Among the moves that fit, the one with the largest ``value(item, new, delta)`` is made,
-    if that is positive (default: the largest ``delta``, which fills the budget in the
-    fewest, largest steps).
+    A multiple-choice knapsack (every item takes exactly one candidate's sizes), solved exactly
+    by dynamic programming over the cost in steps of :data:`_RESOLUTION`; costs are rounded up,
+    so the answer's estimated total is within the target. Items are groups of blocks that take
+    the same sizes (a stage, or one block).
     """
-    while True:
-        moves = [((value(item, new, d) if value else d), d, i, new)
-                 for i, item in enumerate(items) for new in options
-                 if (d := alloc.delta(item, new)) > 0 and alloc.total + d <= target]
-        moves = [m for m in moves if m[0] > 0]
-        if not moves:
-            return alloc
-        _, delta, i, new = max(moves, key=lambda m: (m[0], m[1], -m[2]))
-        alloc.move(items[i], new, delta)
+    fixed = alloc.total - sum(alloc.item_cost(item, alloc.choice[item[0]]) for item in items)
+    capacity = int((target - fixed) / _RESOLUTION)
+    if capacity < 0:
+        return dict(alloc.choice), alloc.total
+    best = np.full(capacity + 1, -np.inf)
+    best[0] = 0.0
+    picks = []
+    for item in items:
+        new, pick = np.full(capacity + 1, -np.inf), np.full(capacity + 1, -1)
+        for j, cand in enumerate(options):
+            c = math.ceil(alloc.item_cost(item, cand) / _RESOLUTION - 1e-9)
+            if c > capacity:
+                continue
+            shifted = np.full(capacity + 1, -np.inf)
+            shifted[c:] = best[:capacity + 1 - c] + value(item, cand)
+            better = shifted > new
+            new[better], pick[better] = shifted[better], j
+        best = new
+        picks.append(pick)
+    if not np.isfinite(best).any():
+        return dict(alloc.choice), alloc.total
+    top = best.max()
+    at = int(np.flatnonzero(best >= top - 1e-12).max())  # ties: the fullest
+    choice = dict(alloc.choice)
+    for item, pick in zip(reversed(items), reversed(picks)):
+        cand = options[int(pick[at])]
+        for p in item:
+            choice[p] = cand
+        at -= math.ceil(alloc.item_cost(item, cand) / _RESOLUTION - 1e-9)
+    total = fixed + sum(alloc.item_cost(item, choice[item[0]]) for item in items)
+    return choice, total
 
 
 def _stages(paths: Sequence[str], widths: dict[str, int]) -> list[list[str]]:
@@ -313,11 +339,14 @@ def _stages(paths: Sequence[str], widths: dict[str, int]) -> list[list[str]]:
 
 
 def _allocate(search: _Search, start: Candidate, sensitivity: Optional[Sensitivity], scale: float = 1.0
-              ) -> _Allocation:
-    """Per-block sizes within the target: by stage, then by block; or by error per cost with a sensitivity.
+              ) -> dict[str, Candidate]:
+    """Per-block sizes within the target: the fullest fill (by stage where that is as full), or least error.
 
-    The sums are estimates (exact for parameters): the target is scaled by the start's exact-to-
-    estimated ratio, and the answer is verified exactly (:func:`_per_block`).
+    Without a sensitivity the knapsack maximises the cost itself (the largest network that
+    fits); sizes per stage win over sizes per block unless those fill the budget better by more
+    than the resolution. With one it minimises the summed block errors. The sums are estimates
+    (exact for parameters): the target is scaled by the start's exact-to-estimated ratio, and
+    the answer is verified exactly (:func:`_per_block`).
     """
     options = [c for c in search.seen.values()
                if c.options.rewrites_transitions == start.options.rewrites_transitions and not c.options.block_sizes]
@@ -325,17 +354,15 @@ def _allocate(search: _Search, start: Candidate, sensitivity: Optional[Sensitivi
     paths = [d.path for d in plan.rewritten]
     alloc = _Allocation.start(start, options, paths, search.meter.scale())
     target = scale * search.target * start.ratio / search.exact(start)
+    blocks = [[p] for p in paths]
     if sensitivity is None:
-        widths = {d.path: d.out_width for d in plan.rewritten}
-        _fill(alloc, options, target, _stages(paths, widths))
-        return _fill(alloc, options, target, [[p] for p in paths])
+        fill = alloc.item_cost
+        stage, stage_total = _knapsack(alloc, options, target, _stages(paths, {d.path: d.out_width
+                                                                               for d in plan.rewritten}), fill)
+        block, block_total = _knapsack(alloc, options, target, blocks, fill)
+        return block if block_total > stage_total + 2 * _RESOLUTION else stage
     errors = {(p, id(c)): (sensitivity(p, c.gm) if p in c.blocks else 0.0) for c in options for p in paths}
-
-    def value(item: Sequence[str], new: Candidate, delta: float) -> float:
-        gain = sum(errors[(p, id(alloc.choice[p]))] - errors[(p, id(new))] for p in item)
-        return gain / delta
-
-    return _fill(alloc, options, target, [[p] for p in paths], value)
+    return _knapsack(alloc, options, target, blocks, lambda item, c: -sum(errors[(p, id(c))] for p in item))[0]
 
 
 def _per_block(search: _Search, start: Candidate, sensitivity: Optional[Sensitivity]) -> Candidate:
@@ -347,8 +374,8 @@ def _per_block(search: _Search, start: Candidate, sensitivity: Optional[Sensitiv
     """
     scale = 1.0
     for _ in range(3):
-        alloc = _allocate(search, start, sensitivity, scale)
-        sizes = tuple((p, *c.sizes) for p, c in alloc.choice.items() if c.sizes != start.sizes)
+        choice = _allocate(search, start, sensitivity, scale)
+        sizes = tuple((p, *c.sizes) for p, c in choice.items() if c.sizes != start.sizes)
         if not sizes:
             return start
         cand = search.measure(start.options.replace(block_sizes=sizes))
