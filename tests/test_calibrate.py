@@ -506,12 +506,13 @@ def test_exported_from_the_package():
 
 
 def test_mgicify_init_calibrate_runs_the_pass(monkeypatch):
-    monkeypatch.setattr(calibration, "calibrate", functools.partial(calibration.calibrate, steps=10, network_steps=5))
+    monkeypatch.setattr(mt.api, "calibrate", functools.partial(calibration.calibrate, network_steps=5))
     model = trained(Net(1))
     x = inputs(model, 48)[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        gm = mt.mgicify(model, x[:2], group_size=4, coarsest_width=4, rule="compact", init="calibrate", calibration=x)
+        gm = mt.mgicify(model, x[:2], group_size=4, coarsest_width=4, rule="compact", init="calibrate", calibration=x,
+                        calibration_steps=10)
     fits = [d.fit for d in mt.plan_of(gm).rewritten]
     assert len(fits) == 3 and all(f.samples == 48 and f.steps == 10 and f.error_after < f.error_before for f in fits)
 
