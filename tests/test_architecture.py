@@ -104,3 +104,25 @@ def test_the_check_sees_function_level_and_type_only_imports():
     assert _imports_of(source, "passes.rewrite") == {"api", "report", "passes.shapes"}
     assert _imports_of("from .plan import MGICPlan\nfrom .nn import transfer\n", "", is_package=True) == \
         {"plan", "nn.transfer"}
+
+
+MAX_BODY_LINES = 60
+
+
+def _long_functions(source: str, limit: int = MAX_BODY_LINES) -> list[tuple[str, int]]:
+    """``(name, lines)`` of every function whose body (docstring included) is longer than ``limit`` lines."""
+    return [(node.name, node.body[-1].end_lineno - node.body[0].lineno + 1) for node in ast.walk(ast.parse(source))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.body[-1].end_lineno - node.body[0].lineno + 1 > limit]
+
+
+def test_no_function_body_is_over_60_lines():
+    long = {f"{path.relative_to(PACKAGE)}:{name}": n for path in sorted(PACKAGE.rglob("*.py"))
+            for name, n in _long_functions(path.read_text())}
+    assert not long, f"split these functions (body lines, docstring included): {long}"
+
+
+def test_the_length_check_counts_a_long_body():
+    body = "\n".join(f"    x{i} = {i}" for i in range(61))
+    assert _long_functions(f"def f():\n{body}\n") == [("f", 61)]
+    assert _long_functions(f"def f():\n{body}\n", limit=61) == []

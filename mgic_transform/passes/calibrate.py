@@ -739,11 +739,9 @@ def calibrate(gm: torch.fx.GraphModule, original: nn.Module, data: Any, *, steps
               seed: int = 0, least_squares: bool = True, progress: Progress = None) -> torch.fx.GraphModule:
     """Fit every MGIC block of ``gm`` to the activations of ``original`` on calibration inputs (in place).
 
-    Block by block in graph order, each block's input is the transformed
-    network's own activation (earlier blocks already fitted) and its target is
-    the trained network's activation at the exit of the block it replaced; then
-    the blocks together to the original's output. See the module docstring for
-    the method and its measured choices.
+    Block by block in graph order (inputs: the transformed network's activations;
+    targets: the original's), then all blocks to the original's output. The module
+    docstring explains the method and its measured choices.
 
     Args:
         gm: the GraphModule :func:`mgic_transform.mgicify` returned for ``original``
@@ -754,21 +752,17 @@ def calibrate(gm: torch.fx.GraphModule, original: nn.Module, data: Any, *, steps
             iterable of batches, each a tensor or a tuple/list whose first items are the
             model's inputs (a DataLoader's ``(input, target)``). At most ``max_samples``
             samples are read, once.
-        steps: Adam steps per block (0: no gradient fit of the blocks).
-        lr: peak learning rate of each block's Adam fit (cosine-decayed).
-        network_steps: Adam steps on the network's output after the blocks (0: none).
-        network_lr: peak learning rate of that stage.
+        steps, lr: Adam steps per block (0: none) and their peak learning rate (cosine-decayed).
+        network_steps, network_lr: the same for the network's output, after the blocks.
         batch_size: samples per forward while caching activations and per Adam step.
         max_samples: calibration samples used; one block's inputs and targets for
             this many samples are held in memory at a time.
         seed: fixes the mini-batch draws: the same seed gives the same weights.
             The global RNG state is left as it was.
-        least_squares: first solve the finest level's conv/linear layers in closed form
-            against the original's layers (step 0 of the module docstring); ``False``:
-            Adam alone.
-        progress: one line per block (path, k/K, error before -> after, seconds) and one
-            for the network stage, on stderr; ``None`` (default): when stderr is a
-            terminal; a callable receives the lines instead.
+        least_squares: first solve the finest level's layers in closed form (step 0 of the
+            module docstring); ``False``: Adam alone.
+        progress: a line per block and for the network stage, on stderr (``None``: when it
+            is a terminal); a callable receives the lines instead.
 
     Returns:
         ``gm``. Its plan (:func:`mgic_transform.plan_of`) records per rewritten block a
