@@ -881,7 +881,9 @@ def _network_stage(gm: torch.fx.GraphModule, traced: torch.fx.GraphModule, modul
     line = f"{what} ({taken} Adam steps, {len(calib)} samples, {time.perf_counter() - t0:.1f} s)"
     if settings.report is not None:
         settings.report(f"calibrate {line}")
-    return f"calibrated: {line}"
+    why = ("; every block's final error is measured after this stage, which may trade a block's own error for the "
+           "network's" if kept else "")
+    return f"calibrated: {line}{why}"
 
 
 def _calibrate_block(gm: torch.fx.GraphModule, traced: torch.fx.GraphModule, d: BlockDecision, k: int, total: int,
