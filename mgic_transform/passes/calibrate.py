@@ -558,14 +558,25 @@ def _fit_adam(block: nn.Module, data: _BlockData, *, steps: int, lr: float, batc
     if steps <= 0 or not params:
         return 0
     scale = data.y.double().pow(2).mean().item() or 1.0
+    return _adam(params, lambda idx: (block(data.x[idx]) - data.y[idx]).pow(2).mean() / scale, steps=steps, lr=lr,
+                 warmup=1, samples=len(data), batch_size=batch_size, generator=generator, device=data.x.device)
+
+
+def _adam(params: list[torch.Tensor], loss_of: Callable[[torch.Tensor], torch.Tensor], *, steps: int, lr: float,
+          warmup: int, samples: int, batch_size: int, generator: torch.Generator, device: torch.device) -> int:
+    """``steps`` Adam steps on ``loss_of(indices)`` over random mini-batches of ``samples``; returns ``steps``.
+
+    The learning rate rises linearly over ``warmup`` steps, then decays by a cosine. The
+    indices come from ``generator`` (on the CPU, so the draws are the same on every device).
+    The gradients are dropped at the end.
+    """
     opt = torch.optim.Adam(params, lr=lr, foreach=True)  # one kernel per op for all tensors: fewer, larger ops
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
-    n = len(data)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: min(1.0, (t + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * t / steps)))
     with torch.enable_grad():
         for _ in range(steps):
-            idx = torch.randint(0, n, (min(batch_size, n),), generator=generator, device="cpu")
-            idx = idx.to(data.x.device)
-            loss = (block(data.x[idx]) - data.y[idx]).pow(2).mean() / scale
+            idx = torch.randint(0, samples, (min(batch_size, samples),), generator=generator, device="cpu")
+            loss = loss_of(idx.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -644,23 +655,10 @@ def _fit_network(gm: torch.fx.GraphModule, blocks: Sequence[nn.Module], calib: C
     if steps <= 0 or not params or not targets:
         return 0
     scales = [t.double().pow(2).mean().item() or 1.0 for t in targets]
-    opt = torch.optim.Adam(params, lr=lr, foreach=True)
-    warmup = max(1, steps // 10)  # Adam's first steps move every weight by about lr at once: ramp up
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda t: min(1.0, (t + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * t / steps)))
-    n = len(calib)
-    with torch.enable_grad():
-        for _ in range(steps):
-            idx = torch.randint(0, n, (min(batch_size, n),), generator=generator, device="cpu")
-            idx = idx.to(targets[0].device)
-            loss = _network_loss(gm, [t[idx] for t in calib.inputs], [t[idx] for t in targets], scales)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    for p in params:
-        p.grad = None
-    return steps
+    return _adam(params, lambda idx: _network_loss(gm, [t[idx] for t in calib.inputs], [t[idx] for t in targets],
+                                                   scales),
+                 steps=steps, lr=lr, warmup=max(1, steps // 10),  # Adam's first steps move every weight by ~lr: ramp
+                 samples=len(calib), batch_size=batch_size, generator=generator, device=targets[0].device)
 
 
 # ----------------------------------------------------------------------------- the pass
