@@ -215,6 +215,8 @@ class _Search:
         sizes = _powers_of_two(_widest(self.model))
         fitting = []
         for factor in (1, 2):
+            if factor == 2 and not fitting:
+                break  # s_c = 2 s_g is the larger network of the same s_g: none of it fits either
             lo, hi = 0, len(sizes) - 1
             while lo <= hi:
                 mid = (lo + hi) // 2
