@@ -232,9 +232,10 @@ class _Search:
         same = [c for c in self.seen.values() if c.options.rewrites_transitions == transitions]
         best = self.verified(fitting) or self.verified([c for c in same if c.ratio < min(
             (f.ratio for f in fitting), default=float("inf"))])
-        if best is not None:  # the next sizes up, which the per-block step may give some blocks
+        if best is not None:  # sizes around it (s_c up to 4 s_g), which the per-block step may give some blocks
             s_g = best.sizes[0]
-            for g, c in ((2 * s_g, 2 * s_g), (2 * s_g, 4 * s_g), (4 * s_g, 4 * s_g), (s_g, 2 * s_g)):
+            for g, c in ((2 * s_g, 2 * s_g), (2 * s_g, 4 * s_g), (4 * s_g, 4 * s_g), (s_g, 2 * s_g), (s_g, 4 * s_g),
+                         (4 * s_g, 8 * s_g), (max(1, s_g // 2), s_g), (max(1, s_g // 2), 2 * s_g)):
                 if g <= sizes[-1]:
                     self.measure(self.base.replace(group_size=g, coarsest_width=c, transitions=transitions))
         return best
