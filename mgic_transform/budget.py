@@ -264,6 +264,8 @@ class _Search:
 
 #: The knapsack's cost resolution, as a fraction of the original's total (exact answers are verified anyway).
 _RESOLUTION = 1e-4
+#: How close under the target an answer must land for the per-block step to stop refilling.
+_CLOSE = 0.03
 
 
 @dataclass
@@ -371,21 +373,24 @@ def _allocate(search: _Search, start: Candidate, sensitivity: Optional[Sensitivi
 def _per_block(search: _Search, start: Candidate, sensitivity: Optional[Sensitivity]) -> Candidate:
     """Step 2: fill the budget block by block, then build and measure the result exactly.
 
-    When the exact count is over the target (the estimate was optimistic), the fill is
-    redone against a target lowered by the measured error, at most three times, then the
-    one-size answer stands.
+    The fill works on estimated sums, so the exact count may miss: over the target (the
+    estimate was optimistic), the fill is redone against a target lowered by the measured
+    error; more than :data:`_CLOSE` under it (pessimistic), against one raised by it. At most
+    three fills; the largest exact answer within the target wins (the one-size answer if none).
     """
-    scale = 1.0
+    scale, best = 1.0, start
     for _ in range(3):
         choice = _allocate(search, start, sensitivity, scale)
         sizes = tuple((p, *c.sizes) for p, c in choice.items() if c.sizes != start.sizes)
         if not sizes:
-            return start
+            break
         cand = search.measure(start.options.replace(block_sizes=sizes))
-        if search.exact(cand) <= search.target:
-            return cand if cand.exact >= start.exact else start
+        if search.exact(cand) <= search.target and cand.exact > best.exact:
+            best = cand
+        if (1 - _CLOSE) * search.target <= best.exact <= search.target:
+            break
         scale *= search.target / cand.exact * (1 - 1e-3)
-    return start
+    return best
 
 
 # ----------------------------------------------------------------------------- the search
