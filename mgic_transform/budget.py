@@ -31,8 +31,9 @@ The search runs in two steps.
      pruning (OWL; the layer-wise budgets of SparseGPT's successors).
 
    The chosen sizes go into ``MGICOptions.block_sizes``; the network is built
-   and measured exactly. If the sum was optimistic (FLOPs are estimated on meta
-   tensors during the search), the fill is redone against a lowered target.
+   and measured exactly. If the sum was off (FLOPs are estimated on meta tensors
+   during the search), the fill is redone against a target lowered (over the
+   target) or raised (more than 3% under it) by the measured error.
 
 Every answer is measured, never estimated, so it is never over the target.
 """
