@@ -26,7 +26,7 @@ from .layers import example_input_shape
 from .nn.mgic_block import MGICBlock
 from .options import LeafSpec, MGICOptions
 from .passes.blocks import find_blocks
-from .passes.calibrate import CalibrationData, block_errors, calibrate
+from .passes.calibrate import DEFAULT_MAX_SAMPLES, CalibrationData, block_errors, calibrate
 from .passes.inherit import inherit_weights
 from .passes.ownership import mark_overwritable_inputs
 from .passes.rewrite import rewrite_blocks
@@ -35,8 +35,6 @@ from .plan import BlockDecision, MGICPlan, attach_plan
 from .tracing import eliminate_dead_code, trace
 
 __all__ = ["mgicify", "infer_example_inputs"]
-
-MAX_CALIBRATION_SAMPLES = 1024  # what mgicify reads of the calibration data (calibrate's max_samples default)
 
 
 def _drop_unreferenced_tensors(gm: torch.fx.GraphModule) -> None:
@@ -291,7 +289,7 @@ def _check_calibration(options: MGICOptions, calibration: Any) -> None:
 
 def _read_calibration(data: Any, inputs: tuple) -> list[tuple[torch.Tensor, ...]]:
     """The calibration samples, read once (a DataLoader or a generator may be iterated only once), checked."""
-    calib = CalibrationData.read(data, len(inputs), inputs, MAX_CALIBRATION_SAMPLES,
+    calib = CalibrationData.read(data, len(inputs), inputs, DEFAULT_MAX_SAMPLES,
                                  inputs[0].device if inputs else torch.device("cpu"))
     return [calib.inputs]
 

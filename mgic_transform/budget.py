@@ -307,13 +307,13 @@ def _knapsack(alloc: _Allocation, options: Sequence[Candidate], target: float, i
     capacity = int((target - fixed) / _RESOLUTION)
     if capacity < 0:
         return dict(alloc.choice), alloc.total
+    steps = [[math.ceil(alloc.item_cost(item, cand) / _RESOLUTION - 1e-9) for cand in options] for item in items]
     best = np.full(capacity + 1, -np.inf)
     best[0] = 0.0
     picks = []
-    for item in items:
+    for item, costs in zip(items, steps):
         new, pick = np.full(capacity + 1, -np.inf), np.full(capacity + 1, -1)
-        for j, cand in enumerate(options):
-            c = math.ceil(alloc.item_cost(item, cand) / _RESOLUTION - 1e-9)
+        for j, (cand, c) in enumerate(zip(options, costs)):
             if c > capacity:
                 continue
             shifted = np.full(capacity + 1, -np.inf)
@@ -327,11 +327,11 @@ def _knapsack(alloc: _Allocation, options: Sequence[Candidate], target: float, i
     top = best.max()
     at = int(np.flatnonzero(best >= top - 1e-12).max())  # ties: the fullest
     choice = dict(alloc.choice)
-    for item, pick in zip(reversed(items), reversed(picks)):
-        cand = options[int(pick[at])]
+    for item, pick, costs in zip(reversed(items), reversed(picks), reversed(steps)):
+        j = int(pick[at])
         for p in item:
-            choice[p] = cand
-        at -= math.ceil(alloc.item_cost(item, cand) / _RESOLUTION - 1e-9)
+            choice[p] = options[j]
+        at -= costs[j]
     total = fixed + sum(alloc.item_cost(item, choice[item[0]]) for item in items)
     return choice, total
 

@@ -411,7 +411,8 @@ def _rewritten_table(rows: Sequence[BlockRow]) -> Table:
     """One row per rewritten block; with calibration, a column with its output error before -> after fitting."""
     fitted = any(b.fit is not None for b in rows)
     headers = ("block", "kind", "width", "levels", "group sizes", "params before", "params after",
-               "analytic (3.5)", "FLOPs before", "FLOPs after") + (("block output error: start -> calibrated",) if fitted else ())
+               "analytic (3.5)", "FLOPs before", "FLOPs after")
+    headers += ("block output error: start -> calibrated",) if fitted else ()
     table = []
     for b in rows:
         cells = (_block_name(b.path), b.kind, _width(b), _dims(b.levels), _dims(b.group_sizes),

@@ -113,11 +113,12 @@ from ..tracing import eliminate_dead_code, trace
 from .inherit import _prefix as _inherit_prefix
 
 __all__ = ["calibrate", "block_errors", "CalibrationData", "refit_statistics", "DEFAULT_STEPS", "DEFAULT_LR",
-           "DEFAULT_NETWORK_STEPS", "DEFAULT_NETWORK_LR", "DEFAULT_BATCH_SIZE"]
+           "DEFAULT_NETWORK_STEPS", "DEFAULT_NETWORK_LR", "DEFAULT_BATCH_SIZE", "DEFAULT_MAX_SAMPLES"]
 
 DEFAULT_STEPS = 300  # Adam steps per block
 DEFAULT_LR = 1e-2  # peak learning rate of the per-block Adam fit (cosine-decayed to 0); 3e-3 and 3e-2 fitted worse
 DEFAULT_BATCH_SIZE = 64  # samples per forward while caching and per Adam step
+DEFAULT_MAX_SAMPLES = 1024  # calibration samples read (and what mgicify reads of its calibration data)
 DEFAULT_NETWORK_STEPS = 300  # Adam steps on the network's output after the blocks
 DEFAULT_NETWORK_LR = 1e-3  # peak learning rate of that stage
 
@@ -680,7 +681,7 @@ def _plan_and_inputs(gm: Any) -> tuple[MGICPlan, tuple[torch.Tensor, ...]]:
 def _check_options(steps: Any, lr: Any, batch_size: Any, max_samples: Any, seed: Any, network_steps: Any,
                    network_lr: Any) -> None:
     checks = (("steps", steps, 0, DEFAULT_STEPS), ("batch_size", batch_size, 1, DEFAULT_BATCH_SIZE),
-              ("max_samples", max_samples, 1, 1024), ("seed", seed, 0, 0),
+              ("max_samples", max_samples, 1, DEFAULT_MAX_SAMPLES), ("seed", seed, 0, 0),
               ("network_steps", network_steps, 0, DEFAULT_NETWORK_STEPS))
     for name, value, least, example in checks:
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -733,7 +734,7 @@ class _Settings:
 
 def calibrate(gm: torch.fx.GraphModule, original: nn.Module, data: Any, *, steps: int = DEFAULT_STEPS,
               lr: float = DEFAULT_LR, network_steps: int = DEFAULT_NETWORK_STEPS,
-              network_lr: float = DEFAULT_NETWORK_LR, batch_size: int = DEFAULT_BATCH_SIZE, max_samples: int = 1024,
+              network_lr: float = DEFAULT_NETWORK_LR, batch_size: int = DEFAULT_BATCH_SIZE, max_samples: int = DEFAULT_MAX_SAMPLES,
               seed: int = 0, least_squares: bool = True, progress: Progress = None) -> torch.fx.GraphModule:
     """Fit every MGIC block of ``gm`` to the activations of ``original`` on calibration inputs (in place).
 
